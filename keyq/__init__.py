@@ -1,0 +1,58 @@
+"""keyq: per-key stateful workers on Celery (registry, supervisor, repo, cache, reconciler)."""
+
+from keyq.client import Client
+from keyq.entity import Entity, EntityRegistry, handler
+from keyq.errors import (
+    BrokerUnavailableError,
+    CacheUnavailableError,
+    CallTimeoutError,
+    ConfigurationError,
+    EntityDefinitionError,
+    HandlerCrashedError,
+    HandlerError,
+    InvalidKeyError,
+    InvalidPayloadError,
+    KeyqError,
+    MessageRefusedError,
+    PayloadTooLargeError,
+    Rejected,
+    RepoError,
+    StaleWriteError,
+    UnknownEntityError,
+    UnknownOperationError,
+    ValidationError,
+)
+from keyq.settings import Settings
+
+Reject = Rejected  # what a handler raises to refuse a message without changing state
+
+__all__ = [
+    # producing
+    "Client",
+    # declaring entities
+    "Entity",
+    "EntityRegistry",
+    "Reject",
+    "handler",
+    # configuration
+    "Settings",
+    # errors
+    "BrokerUnavailableError",
+    "CacheUnavailableError",
+    "CallTimeoutError",
+    "ConfigurationError",
+    "EntityDefinitionError",
+    "HandlerCrashedError",
+    "HandlerError",
+    "InvalidKeyError",
+    "InvalidPayloadError",
+    "KeyqError",
+    "MessageRefusedError",
+    "PayloadTooLargeError",
+    "Rejected",
+    "RepoError",
+    "StaleWriteError",
+    "UnknownEntityError",
+    "UnknownOperationError",
+    "ValidationError",
+]

@@ -1,0 +1,3 @@
+from keyq.cli import main
+
+main()

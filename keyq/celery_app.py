@@ -1,0 +1,70 @@
+"""Celery application factory and configuration: the producer side's only Celery import.
+
+Settings come from keyq's Settings (the environment); ``celeryconfig.py`` at the project root
+exposes the same values to the plain ``celery`` and ``flower`` commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from keyq.settings import Settings
+
+DISPATCH_TASK = "keyq.dispatch"  # applies a list of envelopes of one partition
+RECONCILE_TASK = "keyq.reconcile"  # the periodic reconciler (beat)
+VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; keyq restores
+BRPOP_TIMEOUT_S = 1  # kombu's BRPOP wait; a handoff waits it out before releasing a lease
+
+
+def default_queue(settings: Settings) -> str:
+    """The shared queue for keyq's housekeeping tasks (reconciler)."""
+    return f"{settings.namespace}.default"
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration keyq needs, as a plain dict (for celeryconfig.py too)."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport": "keyq.transport:Transport",
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "brpop_timeout": BRPOP_TIMEOUT_S,
+            "priority_steps": [0],
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # JSON only on the wire; a pickled message is refused by every keyq worker
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        # ack after the commit; never re-queue at the tail (that would break per-key order)
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": False,
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_default_queue": default_queue(settings),
+        "task_create_missing_queues": True,
+        # Flower shows keyq's tasks and queues
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "keyq-reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_s,
+                "options": {"queue": default_queue(settings), "expires": 60},
+            }
+        },
+    }
+
+
+def make_app(settings: Settings, name: str = "keyq") -> Celery:
+    """A Celery app configured for keyq; no task bodies (workers add theirs)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    return app

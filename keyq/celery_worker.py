@@ -1,0 +1,115 @@
+"""Celery glue of the worker side: the dispatch task and the ownership bootstep.
+
+Kept thin on purpose: the task body calls WorkerRuntime.handle, the bootstep ticks
+PartitionOwnership in the consumer's event loop and adds or cancels partition queues there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.worker.request import Request
+
+from keyq.celery_app import DISPATCH_TASK, default_queue, make_app
+from keyq.ownership import new_node_id
+from keyq.settings import Settings
+from keyq.worker import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+_delivering: dict[str, Any] = {}  # the kombu message being executed (solo pool: one at a time)
+
+
+class KeyqRequest(Request):  # type: ignore[misc]
+    """Lets the task body see its raw kombu message, to return it to the queue head intact."""
+
+    def execute_using_pool(self, pool: Any, **kwargs: Any) -> Any:
+        _delivering["message"] = self.message
+        try:
+            return super().execute_using_pool(pool, **kwargs)
+        finally:
+            _delivering.pop("message", None)
+
+
+def build_worker_app(
+    settings: Settings,
+    static_partitions: tuple[int, ...] | None = None,
+    node_id: str | None = None,
+) -> tuple[Celery, str]:
+    """A Celery app with keyq's task and bootstep installed, and this node's id."""
+    app = make_app(settings)
+    node = node_id or new_node_id()
+    holder: dict[str, WorkerRuntime] = {}
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=DISPATCH_TASK, bind=True, acks_late=True, ignore_result=True,
+        Request="keyq.celery_worker:KeyqRequest",
+    )
+    def dispatch(self: Any, envelopes: object) -> None:
+        runtime = holder.get("runtime")
+        delivery = self.request.delivery_info or {}
+        queue = delivery.get("routing_key") or ""
+        raw = getattr(_delivering.get("message"), "_raw", None)
+        if runtime is None:
+            raise RuntimeError("keyq runtime is not started")
+        runtime.handle(queue, envelopes, raw)
+
+    from keyq.reconciler import install_reconcile_task
+
+    install_reconcile_task(app, settings)
+
+    class KeyqOwnershipStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Ticks partition ownership inside the consumer loop."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.timer_ref: Any = None
+
+        def start(self, consumer: Any) -> None:
+            runtime = holder.get("runtime")
+            if runtime is None:
+                runtime = WorkerRuntime(
+                    settings,
+                    node,
+                    static_partitions=static_partitions,
+                    add_queue=lambda q: consumer.add_task_queue(q),
+                    cancel_queue=lambda q: consumer.cancel_task_queue(q),
+                )
+                holder["runtime"] = runtime
+                runtime.ownership.start_heartbeat()
+            else:  # the consumer restarted (broker reconnect): re-assert our queues
+                runtime._add_queue = lambda q: consumer.add_task_queue(q)
+                runtime._cancel_queue = lambda q: consumer.cancel_task_queue(q)
+                for p in runtime.ownership.held():
+                    consumer.add_task_queue(settings.queue_name(p))
+            interval = settings.lease_ttl_s / 4
+
+            def tick() -> None:
+                try:
+                    runtime.ownership.tick()
+                    runtime.housekeeping()
+                except Exception:
+                    log.exception("keyq ownership tick failed node=%s", node)
+
+            tick()
+            self.timer_ref = consumer.timer.call_repeatedly(interval, tick)
+
+        def stop(self, consumer: Any) -> None:
+            if self.timer_ref is not None:
+                self.timer_ref.cancel()
+                self.timer_ref = None
+
+        def shutdown(self, consumer: Any) -> None:
+            self.stop(consumer)
+            runtime = holder.pop("runtime", None)
+            if runtime is not None:
+                runtime.ownership.shutdown()
+                runtime.close()
+
+    app.steps["consumer"].add(KeyqOwnershipStep)
+    app.conf.task_default_queue = default_queue(settings)
+    return app, node

@@ -1,0 +1,177 @@
+"""The producer API: send, call, read (and resolve) for (entity, key) pairs.
+
+Everything is validated before anything is published: an unknown entity or operation, a bad
+key, a non-JSON or oversize payload raise a typed ValidationError and publish nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from keyq import metrics
+from keyq import reply as replies
+from keyq.cache import StateCache
+from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.entity import JSON, EntityRegistry
+from keyq.envelope import Envelope, check_key, make_envelope
+from keyq.errors import BrokerUnavailableError, CacheUnavailableError, CallTimeoutError
+from keyq.registry import NameRegistry, Resolution
+from keyq.repo import Repo
+from keyq.settings import Settings
+
+
+class Client:
+    """A producer: thread-safe, cheap to share; create one per process."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: EntityRegistry | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.registry = registry or EntityRegistry.from_modules(self.settings.entity_modules)
+        self.app = make_app(self.settings, name="keyq-producer")
+        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.cache = StateCache(self.redis, self.settings)
+        self.names = NameRegistry(self.redis, self.settings)
+        self._repo: Repo | None = None
+
+    @property
+    def repo(self) -> Repo:
+        if self._repo is None:  # only reads that miss the cache need the database
+            self._repo = Repo(self.settings.database_url)
+        return self._repo
+
+    def close(self) -> None:
+        self.redis.close()
+        if self._repo is not None:
+            self._repo.dispose()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- building and publishing -----------------------------------------------------------
+
+    def envelope(self, entity: str, key: str, op: str, payload: JSON = None, *,
+                 reply: bool = False, message_id: str | None = None) -> Envelope:
+        """Validate and build a message without publishing it."""
+        return make_envelope(
+            self.registry, entity, key, op, payload,
+            partitions=self.settings.partitions,
+            max_key_length=self.settings.max_key_length,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            reply=reply,
+            message_id=message_id,
+        )
+
+    def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish envelopes of ONE partition as one broker message, in order."""
+        if not envelopes:
+            return
+        partition = envelopes[0].partition
+        if any(e.partition != partition for e in envelopes):
+            raise ValueError("publish() takes envelopes of one partition; use send_many()")
+        try:
+            self.app.send_task(
+                DISPATCH_TASK,
+                args=[[e.to_wire() for e in envelopes]],
+                queue=self.settings.queue_name(partition),
+                task_id=envelopes[0].id if len(envelopes) == 1 else None,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2},
+            )
+        except (OperationalError, redis.RedisError, OSError) as e:
+            raise BrokerUnavailableError(
+                f"could not publish {len(envelopes)} message(s) to partition {partition}: {e}"
+            ) from e
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def send(self, entity: str, key: str, op: str, payload: JSON = None) -> str:
+        """Enqueue a message for a key; returns its message id once the broker has it."""
+        env = self.envelope(entity, key, op, payload)
+        self.publish([env])
+        return env.id
+
+    def send_many(self, entity: str, messages: Iterable[tuple[str, str, JSON]]) -> list[str]:
+        """Enqueue many (key, op, payload) of one entity: one broker message per partition.
+
+        Per-key order is kept within the call (each partition's messages keep their order)
+        and across calls (a call publishes before it returns).
+        """
+        by_partition: dict[int, list[Envelope]] = {}
+        ids: list[str] = []
+        for key, op, payload in messages:
+            env = self.envelope(entity, key, op, payload)
+            by_partition.setdefault(env.partition, []).append(env)
+            ids.append(env.id)
+        for group in by_partition.values():
+            for start in range(0, len(group), self.settings.batch_max):
+                self.publish(group[start : start + self.settings.batch_max])
+        return ids
+
+    def call(self, entity: str, key: str, op: str, payload: JSON = None,
+             timeout: float | None = None) -> JSON:
+        """Send and wait for the handler's reply; typed errors for refusals and timeouts."""
+        timeout = self.settings.call_timeout_s if timeout is None else timeout
+        env = self.envelope(entity, key, op, payload, reply=True)
+        reply_key = self.settings.redis_key("reply", env.id)
+        self.publish([env])
+        try:
+            got = self.redis.blpop([reply_key], timeout=timeout)
+        except redis.RedisError as e:
+            raise CacheUnavailableError(f"waiting for the reply of {env.id} failed: {e}") from e
+        if got is None:
+            raise CallTimeoutError(
+                f"no reply from {entity}/{key} {op} within {timeout:g}s "
+                f"(message {env.id} may still be applied)"
+            )
+        return replies.decode(got[1], entity=entity, key=key, op=op, message_id=env.id)
+
+    def read(self, entity: str, key: str) -> JSON:
+        """The key's current state (cache, else Repo, then fill the cache); None if unknown."""
+        self.registry.get(entity)
+        check_key(key, self.settings.max_key_length)
+        hit = self.cache.get(entity, key)
+        if hit is not None:
+            metrics.cache_reads.labels("hit").inc()
+            self.cache.count(hit=True)
+            return hit.state
+        metrics.cache_reads.labels("miss").inc()
+        self.cache.count(hit=False)
+        stored = self.repo.load_one(entity, key)
+        if stored is None:
+            return None
+        self.cache.put(entity, key, stored.version, stored.state)
+        return stored.state
+
+    def resolve(self, entity: str, key: str) -> Resolution:
+        """Which node holds the key's activation now (or that it is not active)."""
+        self.registry.get(entity)
+        started = time.perf_counter()
+        try:
+            return self.names.resolve(entity, key)
+        except redis.RedisError as e:
+            metrics.registry_lookup_failures.inc()
+            raise CacheUnavailableError(f"registry lookup of {entity}/{key} failed: {e}") from e
+        finally:
+            metrics.registry_lookup_seconds.observe(time.perf_counter() - started)
+
+    def queue_depths(self) -> dict[int, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(self.settings.partitions):
+            pipe.llen(self.settings.queue_name(p))
+        return dict(enumerate(int(n) for n in pipe.execute()))
+
+    def info(self) -> dict[str, Any]:
+        return {"settings": self.settings.safe_summary(), "entities": self.registry.names()}

@@ -1,0 +1,116 @@
+"""One exception hierarchy for keyq: every error a user can catch derives from KeyqError.
+
+Errors from redis-py, SQLAlchemy and Celery are converted at the edge (``raise ... from e``)
+so callers never need to import those libraries to handle a keyq failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KeyqError(Exception):
+    """Base class of every keyq error."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigurationError(KeyqError):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+class EntityDefinitionError(ConfigurationError):
+    """An entity class is declared wrongly (bad name, handler or initial state)."""
+
+
+# --- validation of producer input and wire messages --------------------------------------
+
+
+class ValidationError(KeyqError):
+    """Input was refused before anything was published."""
+
+
+class UnknownEntityError(ValidationError):
+    """The entity name is not registered (check KEYQ_ENTITY_MODULES)."""
+
+
+class UnknownOperationError(ValidationError):
+    """The entity has no handler registered under that operation name."""
+
+
+class InvalidKeyError(ValidationError):
+    """A key must be a non-empty string of at most the allowed length."""
+
+
+class InvalidPayloadError(ValidationError):
+    """The payload is not JSON-serialisable (NaN, bytes, objects ...)."""
+
+
+class PayloadTooLargeError(InvalidPayloadError):
+    """The encoded payload is larger than KEYQ_MAX_PAYLOAD_BYTES."""
+
+
+class MalformedMessageError(ValidationError):
+    """A message on the wire does not have keyq's envelope shape."""
+
+
+# --- infrastructure ------------------------------------------------------------------------
+
+
+class BrokerUnavailableError(KeyqError):
+    """The broker (Redis) could not be reached; the message was not published."""
+
+
+class CacheUnavailableError(KeyqError):
+    """The Redis used for the registry and cache could not be reached."""
+
+
+class RepoError(KeyqError):
+    """The Repo (SQL database) failed or could not be reached."""
+
+
+class StaleWriteError(RepoError):
+    """A write was refused: the Repo has seen a newer fencing token or version."""
+
+
+# --- ownership -----------------------------------------------------------------------------
+
+
+class OwnershipError(KeyqError):
+    """A partition lease is not held by this node (any more)."""
+
+
+# --- calls and handlers --------------------------------------------------------------------
+
+
+class CallTimeoutError(KeyqError, TimeoutError):
+    """No reply arrived within the timeout; the message may still be applied later."""
+
+
+class HandlerError(KeyqError):
+    """A handler did not produce a reply; carries what the worker reported."""
+
+    def __init__(self, message: str, *, entity: str = "", key: str = "", op: str = "",
+                 message_id: str = "", exc_type: str = "") -> None:
+        super().__init__(message)
+        self.entity = entity
+        self.key = key
+        self.op = op
+        self.message_id = message_id
+        self.exc_type = exc_type
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep picklability for tools that copy errors
+        return (self.__class__, (str(self),), self.__dict__)
+
+
+class Rejected(HandlerError):
+    """A handler refused the message on purpose; the state is unchanged (see ``keyq.Reject``)."""
+
+
+class HandlerCrashedError(HandlerError):
+    """A handler raised; after the restart policy gave up, the message was dead-lettered."""
+
+
+class MessageRefusedError(HandlerError):
+    """The worker refused a malformed message and dead-lettered it."""

@@ -1,0 +1,82 @@
+"""Prometheus metrics: what the design brief asks operators to watch.
+
+Metrics live in one CollectorRegistry per process; ``serve`` exposes them over HTTP when
+KEYQ_METRICS_PORT is set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+messages_applied = Counter(
+    "keyq_messages_applied_total", "Messages applied to entity state", ["entity"],
+    registry=REGISTRY,
+)
+duplicates_skipped = Counter(
+    "keyq_duplicates_skipped_total", "Redelivered or re-published messages skipped",
+    registry=REGISTRY,
+)
+dead_letters = Counter(
+    "keyq_dead_letters_total", "Messages moved to the dead-letter table", ["reason"],
+    registry=REGISTRY,
+)
+restarts = Counter(
+    "keyq_restarts_total", "Handler crashes followed by a restart", ["entity"], registry=REGISTRY
+)
+spawns = Counter("keyq_spawns_total", "Activations created", ["entity"], registry=REGISTRY)
+passivations = Counter(
+    "keyq_passivations_total", "Activations dropped (idle or evicted)", ["why"],
+    registry=REGISTRY,
+)
+stale_writes = Counter(
+    "keyq_stale_writes_refused_total", "Commits refused by the fencing token", registry=REGISTRY
+)
+activations = Gauge("keyq_activations", "Activations held by this process", registry=REGISTRY)
+partitions_owned = Gauge(
+    "keyq_partitions_owned", "Partitions whose lease this process holds", registry=REGISTRY
+)
+mailbox_depth = Gauge(
+    "keyq_mailbox_depth", "Queue length of an owned partition", ["partition"], registry=REGISTRY
+)
+dispatch_latency = Histogram(
+    "keyq_dispatch_latency_seconds", "Send to applied, per message",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+batch_size = Histogram(
+    "keyq_batch_size", "Messages per group commit",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=REGISTRY,
+)
+commit_seconds = Histogram(
+    "keyq_repo_commit_seconds", "Repo commit latency", buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+registry_lookup_seconds = Histogram(
+    "keyq_registry_lookup_seconds", "Registry resolve latency", buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+registry_lookup_failures = Counter(
+    "keyq_registry_lookup_failures_total", "Registry resolves that raised", registry=REGISTRY
+)
+cache_reads = Counter(
+    "keyq_cache_reads_total", "Client reads by outcome", ["outcome"], registry=REGISTRY
+)
+reconcile_runs = Counter(
+    "keyq_reconcile_runs_total", "Reconciler runs", registry=REGISTRY
+)
+reconcile_healed = Counter(
+    "keyq_reconcile_healed_total", "Drifts healed by the reconciler", ["kind"], registry=REGISTRY
+)
+reconcile_seconds = Histogram(
+    "keyq_reconcile_seconds", "Reconciler run duration", buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def serve(port: int) -> None:
+    """Expose this process's metrics on http://0.0.0.0:port/metrics."""
+    if port:
+        start_http_server(port, registry=REGISTRY)

@@ -1,0 +1,379 @@
+"""Membership and partition ownership: heartbeats, rendezvous assignment, fenced leases.
+
+Each worker node heartbeats into a Redis sorted set scored by the server's clock. The owner of a
+partition is chosen by rendezvous (highest random weight) hashing over the live members, so a
+join or a leave moves only about 1/n of the partitions. A node consumes a partition's queue only
+while it holds the partition's lease: SET NX PX with a fencing token from INCR that grows with
+every grant. The token goes with every Repo write, so a paused former owner cannot write.
+
+Two threads share this object: a heartbeat thread (``heartbeat``: membership and lease renewal,
+so long batches never lose a lease) and the consumer's event loop (``tick``: claims, handoffs and
+the consumer changes that must happen in the loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+
+from keyq.scripts import register
+from keyq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HANDOFF_GRACE_S = 1.2  # > kombu's BRPOP timeout: a cancelled queue can still pop until then
+
+
+def new_node_id() -> str:
+    """A node id that is unique across hosts and restarts: host, pid and a random suffix."""
+    host = socket.gethostname().split(".")[0][:32]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def rendezvous_owner(partition: int, members: Iterable[str]) -> str | None:
+    """The member with the highest hash weight for this partition (None with no members)."""
+    best: tuple[int, str] | None = None
+    for member in members:
+        digest = hashlib.blake2b(f"{member}/{partition}".encode(), digest_size=8).digest()
+        weight = int.from_bytes(digest, "big")
+        if best is None or (weight, member) > best:
+            best = (weight, member)
+    return best[1] if best else None
+
+
+def assignment(partitions: int, members: Iterable[str]) -> dict[str, set[int]]:
+    """Every member's partition set under rendezvous hashing."""
+    member_list = sorted(set(members))
+    out: dict[str, set[int]] = {m: set() for m in member_list}
+    for p in range(partitions):
+        owner = rendezvous_owner(p, member_list)
+        if owner is not None:
+            out[owner].add(p)
+    return out
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    partition: int
+    owner: str
+    token: int
+    ttl_ms: int
+
+
+class Leases:
+    """The Redis lease table: who owns which partition, with fencing tokens."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._claim = register(client, "lease_claim")
+        self._renew = register(client, "lease_renew")
+        self._compare_delete = register(client, "compare_delete")
+
+    def lease_key(self, partition: int) -> str:
+        return self.settings.redis_key("lease", str(partition))
+
+    def fence_key(self, partition: int) -> str:
+        return self.settings.redis_key("fence", str(partition))
+
+    def claim(self, partition: int, owner: str) -> int | None:
+        """A new fencing token if the lease was free (or already ours), else None."""
+        token = int(
+            self._claim(
+                keys=[self.lease_key(partition), self.fence_key(partition)],
+                args=[owner, self.settings.lease_ttl_ms],
+            )
+        )
+        if token == 0:
+            return None
+        return abs(token)
+
+    def renew(self, owner: str, held: dict[int, int]) -> dict[int, bool]:
+        if not held:
+            return {}
+        parts = sorted(held)
+        result = self._renew(
+            keys=[self.lease_key(p) for p in parts],
+            args=[self.settings.lease_ttl_ms, *(f"{owner}|{held[p]}" for p in parts)],
+        )
+        return {p: bool(ok) for p, ok in zip(parts, result, strict=True)}
+
+    def release(self, partition: int, owner: str, token: int) -> bool:
+        return bool(self._compare_delete(keys=[self.lease_key(partition)],
+                                         args=[f"{owner}|{token}"]))
+
+    def holders(self) -> dict[int, LeaseInfo]:
+        """Every partition's current lease holder (one pipeline)."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in range(self.settings.partitions):
+            pipe.get(self.lease_key(p))
+            pipe.pttl(self.lease_key(p))
+        raw = pipe.execute()
+        out: dict[int, LeaseInfo] = {}
+        for p in range(self.settings.partitions):
+            value, ttl = raw[2 * p], raw[2 * p + 1]
+            if value is None:
+                continue
+            owner, _, token = value.decode().rpartition("|")
+            out[p] = LeaseInfo(p, owner, int(token), int(ttl))
+        return out
+
+
+class Membership:
+    """Live worker nodes, by heartbeat on the Redis server's clock."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.members_key = settings.redis_key("members")
+        self._heartbeat = register(client, "heartbeat")
+        self._live = register(client, "live_members")
+
+    def info_key(self, node_id: str) -> str:
+        return self.settings.redis_key("member", node_id)
+
+    def heartbeat(self, node_id: str, info: dict[str, object]) -> list[str]:
+        members = self._heartbeat(
+            keys=[self.members_key, self.info_key(node_id)],
+            args=[node_id, self.settings.lease_ttl_ms, json.dumps(info)],
+        )
+        return sorted(m.decode() for m in members)
+
+    def live(self) -> dict[str, int]:
+        """Live member -> heartbeat age in ms."""
+        rows = self._live(keys=[self.members_key], args=[self.settings.lease_ttl_ms])
+        return {rows[i].decode(): int(rows[i + 1]) for i in range(0, len(rows), 2)}
+
+    def info(self, node_id: str) -> dict[str, object]:
+        raw = self.client.get(self.info_key(node_id))
+        return dict(json.loads(raw)) if raw else {}
+
+    def leave(self, node_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.zrem(self.members_key, node_id)
+        pipe.delete(self.info_key(node_id))
+        pipe.execute()
+
+
+class OwnershipHooks(Protocol):
+    """What the worker does when ownership changes; all called from the consumer loop."""
+
+    def prepare(self, partition: int, token: int) -> None:
+        """Before consuming: record the token in the Repo and restore the previous owner's
+        unacknowledged messages at the head of the queue."""
+
+    def start_consuming(self, partition: int) -> None: ...
+
+    def stop_consuming(self, partition: int) -> None: ...
+
+    def forget(self, partition: int) -> None:
+        """Drop in-memory activations of a partition this node no longer owns."""
+
+
+@dataclass
+class TickReport:
+    acquired: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    draining: list[int] = field(default_factory=list)
+
+
+class PartitionOwnership:
+    """One node's view and control of the partitions it owns."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        node_id: str,
+        hooks: OwnershipHooks,
+        static_partitions: tuple[int, ...] | None = None,
+        info: dict[str, object] | None = None,
+        clock: type[time] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.node_id = node_id
+        self.hooks = hooks
+        self.static_partitions = static_partitions
+        self.leases = Leases(client, settings)
+        self.membership = Membership(client, settings)
+        self.info = dict(info or {})
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}  # partition -> token, consuming
+        self._draining: dict[int, tuple[int, float]] = {}  # partition -> (token, stop time)
+        self._lost: set[int] = set()  # renewal failed; the loop stops consuming at next tick
+        self._members: list[str] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    # --- read side (any thread) ------------------------------------------------------------
+
+    def token(self, partition: int) -> int | None:
+        """The fencing token if this node holds and consumes the partition now."""
+        with self._lock:
+            if partition in self._lost:
+                return None
+            return self._held.get(partition)
+
+    def held(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._held)
+
+    def members(self) -> list[str]:
+        with self._lock:
+            return list(self._members)
+
+    def desired(self, members: list[str]) -> set[int]:
+        if self.static_partitions is not None:
+            return set(self.static_partitions)
+        if self.node_id not in members:
+            members = [*members, self.node_id]
+        return {
+            p for p in range(self.settings.partitions)
+            if rendezvous_owner(p, members) == self.node_id
+        }
+
+    # --- heartbeat thread ------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Announce this node and renew the leases it holds (or drains); mark lost ones."""
+        info = {**self.info, "partitions": sorted(self.held()), "ts": time.time()}
+        members = self.membership.heartbeat(self.node_id, info)
+        with self._lock:
+            self._members = members
+            renewing = dict(self._held)
+            renewing.update({p: tok for p, (tok, _) in self._draining.items()})
+        result = self.leases.renew(self.node_id, renewing)
+        lost = [p for p, ok in result.items() if not ok]
+        if lost:
+            with self._lock:
+                self._lost.update(p for p in lost if p in self._held)
+            log.error("keyq lost partition leases node=%s partitions=%s", self.node_id, lost)
+
+    def start_heartbeat(self) -> None:
+        self.heartbeat()
+        self._thread = threading.Thread(
+            target=self._heartbeat_loop, name="keyq-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.lease_ttl_s / 4
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                self.heartbeat()
+            except redis.RedisError as e:
+                log.error("keyq heartbeat failed node=%s error=%s", self.node_id, e)
+            self._wake.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    # --- consumer loop ---------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> TickReport:
+        """Converge on the desired partition set: stop lost ones, hand off, claim new ones."""
+        now = time.monotonic() if now is None else now
+        report = TickReport()
+        members = self.members() or [self.node_id]
+        desired = self.desired(members)
+
+        with self._lock:
+            lost = [p for p in self._lost if p in self._held]
+            for p in lost:
+                del self._held[p]
+            self._lost.clear()
+        for p in lost:
+            self._safe(self.hooks.stop_consuming, p)
+            self._safe(self.hooks.forget, p)
+            report.lost.append(p)
+
+        for p, token in list(self.held().items()):
+            if p not in desired:
+                self._safe(self.hooks.stop_consuming, p)
+                with self._lock:
+                    self._held.pop(p, None)
+                    self._draining[p] = (token, now)
+                self._safe(self.hooks.forget, p)
+
+        with self._lock:
+            draining = dict(self._draining)
+        for p, (token, since) in draining.items():
+            if now - since >= HANDOFF_GRACE_S:
+                self.leases.release(p, self.node_id, token)
+                with self._lock:
+                    self._draining.pop(p, None)
+                report.released.append(p)
+            else:
+                report.draining.append(p)
+
+        last_renew = time.monotonic()
+        for p in sorted(desired):
+            if p in self.held() or p in draining:
+                continue
+            if time.monotonic() - last_renew > self.settings.lease_ttl_s / 4:
+                self.heartbeat()  # many claims in one tick: keep earlier ones alive
+                last_renew = time.monotonic()
+            token = self.leases.claim(p, self.node_id)
+            if token is None:
+                continue
+            try:
+                self.hooks.prepare(p, token)
+                self.hooks.start_consuming(p)
+            except Exception:
+                log.exception("keyq could not take partition %s node=%s", p, self.node_id)
+                self.leases.release(p, self.node_id, token)
+                continue
+            with self._lock:
+                self._held[p] = token
+            report.acquired.append(p)
+        if report.acquired or report.released or report.lost:
+            log.info(
+                "keyq ownership node=%s acquired=%s released=%s lost=%s held=%d",
+                self.node_id, report.acquired, report.released, report.lost, len(self.held()),
+            )
+        return report
+
+    def shutdown(self, grace_s: float = HANDOFF_GRACE_S) -> None:
+        """Graceful handoff of everything: stop consuming, wait out BRPOP, release, leave."""
+        held = self.held()
+        for p in held:
+            self._safe(self.hooks.stop_consuming, p)
+        if held:
+            time.sleep(grace_s)
+        with self._lock:
+            draining = {p: tok for p, (tok, _) in self._draining.items()}
+            self._held.clear()
+            self._draining.clear()
+        self._stopping = True
+        self._wake.set()
+        for p, token in {**held, **draining}.items():
+            try:
+                self.leases.release(p, self.node_id, token)
+            except redis.RedisError as e:
+                log.error("keyq could not release partition %s: %s", p, e)
+        try:
+            self.membership.leave(self.node_id)
+        except redis.RedisError as e:
+            log.error("keyq could not leave membership: %s", e)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        log.info("keyq node left node=%s released=%s", self.node_id, sorted(held))
+
+    def _safe(self, fn: object, partition: int) -> None:
+        try:
+            fn(partition)  # type: ignore[operator]
+        except Exception:
+            log.exception("keyq ownership hook failed partition=%s node=%s", partition,
+                          self.node_id)

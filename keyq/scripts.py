@@ -1,0 +1,19 @@
+"""Redis Lua scripts, kept as .lua files beside the package and registered once per client."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+
+
+@cache
+def lua_source(name: str) -> str:
+    return resources.files("keyq").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def register(client: redis.Redis, name: str) -> Any:
+    """A callable Script (EVALSHA with automatic EVAL fallback) bound to a client."""
+    return client.register_script(lua_source(name))

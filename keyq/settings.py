@@ -1,0 +1,202 @@
+"""The one Settings object: built from the environment at the edge, never at import time."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit, urlunsplit
+
+from keyq.errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "sqlite:///keyq.sqlite3"  # the embedded default: a file beside you
+DEFAULT_PARTITIONS = 64  # fixed per deployment; changing it is a migration
+DEFAULT_LEASE_TTL_MS = 1000  # a crashed node's partitions move on within this
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # an activation idle this long is passivated
+DEFAULT_MAX_ACTIVATIONS = 10_000  # per worker process, least recently used out first
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+DEFAULT_MAX_KEY_LENGTH = 256
+DEFAULT_CACHE_TTL_S = 3600.0
+DEFAULT_CACHE_MAX_KEYS = 1_000_000
+DEFAULT_DEDUPE_WINDOW = 256  # applied message ids remembered per key
+DEFAULT_BATCH_MAX = 256  # messages applied in one group commit
+DEFAULT_MAX_RESTARTS = 3  # restart intensity: restarts ...
+DEFAULT_RESTART_WINDOW_S = 5.0  # ... within this window, per entity type
+DEFAULT_RECONCILE_INTERVAL_S = 10.0
+DEFAULT_RECONCILE_BATCH = 1000
+DEFAULT_RECONCILE_BUDGET_S = 2.0
+DEFAULT_CALL_TIMEOUT_S = 10.0
+DEFAULT_NAMESPACE = "keyq"
+
+_NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
+def redact_url(url: str) -> str:
+    """Return the URL with any password replaced, so it is safe to log or print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    url = env.get(name) or default
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if not scheme.startswith(schemes):
+        raise ConfigurationError(
+            f"{name}={redact_url(url)} must start with one of {', '.join(s + '://' for s in schemes)}"
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything keyq reads from the environment; see README 'Configuration'."""
+
+    broker_url: str = DEFAULT_REDIS_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    namespace: str = DEFAULT_NAMESPACE
+    partitions: int = DEFAULT_PARTITIONS
+    entity_modules: tuple[str, ...] = ("keyq.examples",)
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_activations: int = DEFAULT_MAX_ACTIVATIONS
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_key_length: int = DEFAULT_MAX_KEY_LENGTH
+    cache_ttl_s: float = DEFAULT_CACHE_TTL_S
+    cache_max_keys: int = DEFAULT_CACHE_MAX_KEYS
+    dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+    batch_max: int = DEFAULT_BATCH_MAX
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    restart_window_s: float = DEFAULT_RESTART_WINDOW_S
+    reconcile_interval_s: float = DEFAULT_RECONCILE_INTERVAL_S
+    reconcile_batch: int = DEFAULT_RECONCILE_BATCH
+    reconcile_budget_s: float = DEFAULT_RECONCILE_BUDGET_S
+    call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    metrics_port: int = 0  # 0: no metrics HTTP server
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read KEYQ_* variables; refuse malformed or contradictory values with a fix hint."""
+        env = os.environ if env is None else env
+        redis_url = _url(env, "KEYQ_REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix"))
+        broker_url = _url(env, "KEYQ_BROKER_URL", redis_url, ("redis", "rediss"))
+        database_url = _url(
+            env, "KEYQ_DATABASE_URL", DEFAULT_DATABASE_URL, ("sqlite", "postgresql")
+        )
+        namespace = env.get("KEYQ_NAMESPACE") or DEFAULT_NAMESPACE
+        if not _NAMESPACE_RE.match(namespace):
+            raise ConfigurationError(
+                f"KEYQ_NAMESPACE={namespace!r} must match {_NAMESPACE_RE.pattern}"
+            )
+        modules = tuple(
+            m.strip() for m in (env.get("KEYQ_ENTITY_MODULES") or "keyq.examples").split(",")
+            if m.strip()
+        )
+        settings = cls(
+            broker_url=broker_url,
+            redis_url=redis_url,
+            database_url=database_url,
+            namespace=namespace,
+            partitions=_int(env, "KEYQ_PARTITIONS", DEFAULT_PARTITIONS),
+            entity_modules=modules,
+            lease_ttl_ms=_int(env, "KEYQ_LEASE_TTL_MS", DEFAULT_LEASE_TTL_MS, minimum=100),
+            idle_timeout_s=_float(env, "KEYQ_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S, 0.01),
+            max_activations=_int(env, "KEYQ_MAX_ACTIVATIONS", DEFAULT_MAX_ACTIVATIONS),
+            max_payload_bytes=_int(env, "KEYQ_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES),
+            max_key_length=_int(env, "KEYQ_MAX_KEY_LENGTH", DEFAULT_MAX_KEY_LENGTH),
+            cache_ttl_s=_float(env, "KEYQ_CACHE_TTL_S", DEFAULT_CACHE_TTL_S, 1.0),
+            cache_max_keys=_int(env, "KEYQ_CACHE_MAX_KEYS", DEFAULT_CACHE_MAX_KEYS),
+            dedupe_window=_int(env, "KEYQ_DEDUPE_WINDOW", DEFAULT_DEDUPE_WINDOW),
+            batch_max=_int(env, "KEYQ_BATCH_MAX", DEFAULT_BATCH_MAX),
+            max_restarts=_int(env, "KEYQ_MAX_RESTARTS", DEFAULT_MAX_RESTARTS, minimum=0),
+            restart_window_s=_float(env, "KEYQ_RESTART_WINDOW_S", DEFAULT_RESTART_WINDOW_S, 0.1),
+            reconcile_interval_s=_float(
+                env, "KEYQ_RECONCILE_INTERVAL_S", DEFAULT_RECONCILE_INTERVAL_S, 0.1
+            ),
+            reconcile_batch=_int(env, "KEYQ_RECONCILE_BATCH", DEFAULT_RECONCILE_BATCH),
+            reconcile_budget_s=_float(
+                env, "KEYQ_RECONCILE_BUDGET_S", DEFAULT_RECONCILE_BUDGET_S, 0.01
+            ),
+            call_timeout_s=_float(env, "KEYQ_CALL_TIMEOUT_S", DEFAULT_CALL_TIMEOUT_S, 0.01),
+            metrics_port=_int(env, "KEYQ_METRICS_PORT", 0, minimum=0),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse contradictory combinations, saying how to fix them."""
+        if self.dedupe_window < self.batch_max:
+            raise ConfigurationError(
+                f"KEYQ_DEDUPE_WINDOW={self.dedupe_window} is smaller than KEYQ_BATCH_MAX="
+                f"{self.batch_max}: a redelivered batch could be applied twice; raise the window"
+            )
+        if self.partitions > 4096:
+            raise ConfigurationError(
+                f"KEYQ_PARTITIONS={self.partitions}: at most 4096 partition queues are supported"
+            )
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and the demo use it)."""
+        new = replace(self, **changes)  # type: ignore[arg-type]
+        new.check()
+        return new
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return self.lease_ttl_ms / 1000.0
+
+    def queue_name(self, partition: int) -> str:
+        """The Celery queue of one partition."""
+        return f"{self.namespace}.p{partition}"
+
+    def redis_key(self, *parts: str) -> str:
+        """A namespaced Redis key for keyq's own data (registry, cache, leases)."""
+        return ":".join((self.namespace, *parts))
+
+    def safe_summary(self) -> dict[str, object]:
+        """Settings fit for a log line: URLs redacted."""
+        return {
+            "broker_url": redact_url(self.broker_url),
+            "redis_url": redact_url(self.redis_url),
+            "database_url": redact_url(self.database_url),
+            "namespace": self.namespace,
+            "partitions": self.partitions,
+            "entity_modules": ",".join(self.entity_modules),
+            "lease_ttl_ms": self.lease_ttl_ms,
+        }
