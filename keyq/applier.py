@@ -65,8 +65,9 @@ class _Crash(Exception):
     """Internal: a handler outcome that needs a reload of the key."""
 
 
-def _dead_letter(env: Envelope, reason: str, exc: BaseException, attempts: int,
-                 tb: str = "") -> DeadLetter:
+def _dead_letter(
+    env: Envelope, reason: str, exc: BaseException, attempts: int, tb: str = ""
+) -> DeadLetter:
     return DeadLetter(
         message_id=env.id,
         entity=env.entity,
@@ -168,7 +169,10 @@ class Applier:
         reason = "malformed" if isinstance(exc, MalformedMessageError) else "unknown"
         log.warning(
             "keyq message refused partition=%s message_id=%s reason=%s error=%s",
-            partition, msg_id, reason, exc,
+            partition,
+            msg_id,
+            reason,
+            exc,
         )
         outcome.malformed += 1
         outcome.dead_letters.append(
@@ -186,7 +190,10 @@ class Applier:
         )
         if msg_id and doc.get("reply"):
             outcome.replies.append(
-                (str(msg_id), replies.encode(replies.error("refused", type(exc).__name__, str(exc))))
+                (
+                    str(msg_id),
+                    replies.encode(replies.error("refused", type(exc).__name__, str(exc))),
+                )
             )
 
     # --- activation ------------------------------------------------------------------------
@@ -286,8 +293,14 @@ class Applier:
                     log.warning(
                         "keyq handler crashed entity=%s key=%s message_id=%s op=%s attempt=%s "
                         "retry=%s error=%s: %s",
-                        env.entity, env.key, env.id, env.op, attempts[env.id], retry,
-                        type(exc).__name__, exc,
+                        env.entity,
+                        env.key,
+                        env.id,
+                        env.op,
+                        attempts[env.id],
+                        retry,
+                        type(exc).__name__,
+                        exc,
                     )
                     if retry:
                         outcome.restarts += 1
@@ -371,8 +384,9 @@ class Applier:
             except RepoError as e:
                 if not keep_trying():
                     raise
-                log.error("keyq repo unavailable, retrying in %.2fs what=%s error=%s",
-                          delay, what, e)
+                log.error(
+                    "keyq repo unavailable, retrying in %.2fs what=%s error=%s", delay, what, e
+                )
                 self._sleep(delay)
                 delay = min(REPO_RETRY_MAX_S, delay * 2)
 

@@ -48,7 +48,9 @@ class StateCache:
         return CachedState(int(version), json.loads(state))
 
     def put_many(
-        self, entries: Sequence[tuple[str, str, int, JSON]], pipe: redis.client.Pipeline | None = None
+        self,
+        entries: Sequence[tuple[str, str, int, JSON]],
+        pipe: redis.client.Pipeline | None = None,
     ) -> None:
         """Compare-and-set many (entity, key, version, state); older versions are ignored."""
         if not entries:

@@ -44,7 +44,10 @@ def build_worker_app(
     holder: dict[str, WorkerRuntime] = {}
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=DISPATCH_TASK, bind=True, acks_late=True, ignore_result=True,
+        name=DISPATCH_TASK,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
         Request="keyq.celery_worker:KeyqRequest",
     )
     def dispatch(self: Any, envelopes: object) -> None:

@@ -103,11 +103,19 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--partitions", "spec", default=None,
-              help="Static partition set, e.g. '0-31' (default: rendezvous over live nodes).")
+@click.option(
+    "--partitions",
+    "spec",
+    default=None,
+    help="Static partition set, e.g. '0-31' (default: rendezvous over live nodes).",
+)
 @click.option("--loglevel", default="info", show_default=True)
-@click.option("--migrate/--no-migrate", default=True, show_default=True,
-              help="Upgrade the database schema before starting.")
+@click.option(
+    "--migrate/--no-migrate",
+    default=True,
+    show_default=True,
+    help="Upgrade the database schema before starting.",
+)
 @handle_errors
 def worker(spec: str | None, loglevel: str, migrate: bool) -> None:
     """Run one worker node (one process; partitions applied serially)."""
@@ -129,8 +137,11 @@ def worker(spec: str | None, loglevel: str, migrate: bool) -> None:
         migrate_with_lock(settings)
     serve(settings.metrics_port)
     app, node = build_worker_app(settings, static)
-    log.info("keyq worker starting node=%s %s", node,
-             " ".join(f"{k}={v}" for k, v in settings.safe_summary().items()))
+    log.info(
+        "keyq worker starting node=%s %s",
+        node,
+        " ".join(f"{k}={v}" for k, v in settings.safe_summary().items()),
+    )
     w = app.Worker(
         hostname=f"{node}@keyq",
         pool="solo",

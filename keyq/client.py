@@ -62,11 +62,23 @@ class Client:
 
     # --- building and publishing -----------------------------------------------------------
 
-    def envelope(self, entity: str, key: str, op: str, payload: JSON = None, *,
-                 reply: bool = False, message_id: str | None = None) -> Envelope:
+    def envelope(
+        self,
+        entity: str,
+        key: str,
+        op: str,
+        payload: JSON = None,
+        *,
+        reply: bool = False,
+        message_id: str | None = None,
+    ) -> Envelope:
         """Validate and build a message without publishing it."""
         return make_envelope(
-            self.registry, entity, key, op, payload,
+            self.registry,
+            entity,
+            key,
+            op,
+            payload,
             partitions=self.settings.partitions,
             max_key_length=self.settings.max_key_length,
             max_payload_bytes=self.settings.max_payload_bytes,
@@ -120,8 +132,9 @@ class Client:
                 self.publish(group[start : start + self.settings.batch_max])
         return ids
 
-    def call(self, entity: str, key: str, op: str, payload: JSON = None,
-             timeout: float | None = None) -> JSON:
+    def call(
+        self, entity: str, key: str, op: str, payload: JSON = None, timeout: float | None = None
+    ) -> JSON:
         """Send and wait for the handler's reply; typed errors for refusals and timeouts."""
         timeout = self.settings.call_timeout_s if timeout is None else timeout
         env = self.envelope(entity, key, op, payload, reply=True)

@@ -17,9 +17,17 @@ def _print(value: Any) -> None:
 
 def _row(d: Any, full: bool = False) -> dict[str, Any]:
     row = {
-        "id": d.id, "message_id": d.message_id, "entity": d.entity, "key": d.key, "op": d.op,
-        "partition": d.partition, "reason": d.reason, "error_type": d.error_type,
-        "error_message": d.error_message, "attempts": d.attempts, "created_at": d.created_at,
+        "id": d.id,
+        "message_id": d.message_id,
+        "entity": d.entity,
+        "key": d.key,
+        "op": d.op,
+        "partition": d.partition,
+        "reason": d.reason,
+        "error_type": d.error_type,
+        "error_message": d.error_message,
+        "attempts": d.attempts,
+        "created_at": d.created_at,
     }
     if full:
         row["envelope"] = d.envelope
@@ -35,8 +43,9 @@ def dead_letters() -> None:
 def _filters(fn: Any) -> Any:
     fn = click.option("--entity", default=None)(fn)
     fn = click.option("--key", default=None)(fn)
-    fn = click.option("--reason", type=click.Choice(["malformed", "unknown", "crashed"]),
-                      default=None)(fn)
+    fn = click.option(
+        "--reason", type=click.Choice(["malformed", "unknown", "crashed"]), default=None
+    )(fn)
     return fn
 
 
@@ -96,18 +105,26 @@ def replay(ids: tuple[int, ...], keep: bool) -> None:
 @click.option("--id", "ids", type=int, multiple=True, help="Purge these ids.")
 @click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(entity: str | None, key: str | None, reason: str | None, ids: tuple[int, ...],
-          everything: bool, yes: bool) -> None:
+def purge(
+    entity: str | None,
+    key: str | None,
+    reason: str | None,
+    ids: tuple[int, ...],
+    everything: bool,
+    yes: bool,
+) -> None:
     """Delete dead letters matching a filter (a filter or --all is required)."""
     from keyq.repo import Repo
 
     if not (entity or key or reason or ids or everything):
-        click.echo("error: purge needs a filter (--entity, --key, --reason, --id) or --all",
-                   err=True)
+        click.echo(
+            "error: purge needs a filter (--entity, --key, --reason, --id) or --all", err=True
+        )
         sys.exit(2)
     if not yes and not click.confirm("Delete the matching dead letters?", default=False):
         sys.exit(1)
     repo = Repo(Settings.from_env().database_url)
-    n = repo.purge_dead_letters(entity=entity, key=key, reason=reason,
-                                ids=list(ids) or None, everything=everything)
+    n = repo.purge_dead_letters(
+        entity=entity, key=key, reason=reason, ids=list(ids) or None, everything=everything
+    )
     _print({"purged": n})

@@ -41,7 +41,7 @@ def handler(name: str | Callable[..., Any] | None = None) -> Any:
         return fn
 
     if callable(name):
-        return mark(name, name.__name__)  # type: ignore[arg-type]
+        return mark(name, name.__name__)
 
     def decorator(fn: F) -> F:
         return mark(fn, name or fn.__name__)
@@ -79,7 +79,7 @@ class Entity:
         name = cls.__dict__.get("name")
         if name is None:
             raise EntityDefinitionError(
-                f"{cls.__qualname__} needs a class attribute `name = \"...\"`"
+                f'{cls.__qualname__} needs a class attribute `name = "..."`'
             )
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise EntityDefinitionError(
@@ -88,9 +88,7 @@ class Entity:
         try:
             json.dumps(cls.initial_state, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise EntityDefinitionError(
-                f"initial_state of entity {name!r} is not JSON: {e}"
-            ) from e
+            raise EntityDefinitionError(f"initial_state of entity {name!r} is not JSON: {e}") from e
         ops: dict[str, str] = {}
         for attr, value in inspect.getmembers(cls, inspect.isfunction):
             op = getattr(value, _HANDLER_ATTR, None)
@@ -143,8 +141,9 @@ class EntityType:
         try:
             return self.ops[op]
         except KeyError:
+            known = ", ".join(sorted(self.ops))
             raise UnknownOperationError(
-                f"entity {self.name!r} has no operation {op!r}; known: {', '.join(sorted(self.ops))}"
+                f"entity {self.name!r} has no operation {op!r}; known: {known}"
             ) from None
 
 

@@ -91,8 +91,16 @@ class CallTimeoutError(KeyqError, TimeoutError):
 class HandlerError(KeyqError):
     """A handler did not produce a reply; carries what the worker reported."""
 
-    def __init__(self, message: str, *, entity: str = "", key: str = "", op: str = "",
-                 message_id: str = "", exc_type: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        entity: str = "",
+        key: str = "",
+        op: str = "",
+        message_id: str = "",
+        exc_type: str = "",
+    ) -> None:
         super().__init__(message)
         self.entity = entity
         self.key = key

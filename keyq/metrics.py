@@ -13,15 +13,20 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 messages_applied = Counter(
-    "keyq_messages_applied_total", "Messages applied to entity state", ["entity"],
+    "keyq_messages_applied_total",
+    "Messages applied to entity state",
+    ["entity"],
     registry=REGISTRY,
 )
 duplicates_skipped = Counter(
-    "keyq_duplicates_skipped_total", "Redelivered or re-published messages skipped",
+    "keyq_duplicates_skipped_total",
+    "Redelivered or re-published messages skipped",
     registry=REGISTRY,
 )
 dead_letters = Counter(
-    "keyq_dead_letters_total", "Messages moved to the dead-letter table", ["reason"],
+    "keyq_dead_letters_total",
+    "Messages moved to the dead-letter table",
+    ["reason"],
     registry=REGISTRY,
 )
 restarts = Counter(
@@ -29,7 +34,9 @@ restarts = Counter(
 )
 spawns = Counter("keyq_spawns_total", "Activations created", ["entity"], registry=REGISTRY)
 passivations = Counter(
-    "keyq_passivations_total", "Activations dropped (idle or evicted)", ["why"],
+    "keyq_passivations_total",
+    "Activations dropped (idle or evicted)",
+    ["why"],
     registry=REGISTRY,
 )
 stale_writes = Counter(
@@ -43,19 +50,27 @@ mailbox_depth = Gauge(
     "keyq_mailbox_depth", "Queue length of an owned partition", ["partition"], registry=REGISTRY
 )
 dispatch_latency = Histogram(
-    "keyq_dispatch_latency_seconds", "Send to applied, per message",
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "keyq_dispatch_latency_seconds",
+    "Send to applied, per message",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 batch_size = Histogram(
-    "keyq_batch_size", "Messages per group commit",
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=REGISTRY,
+    "keyq_batch_size",
+    "Messages per group commit",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+    registry=REGISTRY,
 )
 commit_seconds = Histogram(
-    "keyq_repo_commit_seconds", "Repo commit latency", buckets=_LATENCY_BUCKETS,
+    "keyq_repo_commit_seconds",
+    "Repo commit latency",
+    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 registry_lookup_seconds = Histogram(
-    "keyq_registry_lookup_seconds", "Registry resolve latency", buckets=_LATENCY_BUCKETS,
+    "keyq_registry_lookup_seconds",
+    "Registry resolve latency",
+    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 registry_lookup_failures = Counter(
@@ -64,14 +79,14 @@ registry_lookup_failures = Counter(
 cache_reads = Counter(
     "keyq_cache_reads_total", "Client reads by outcome", ["outcome"], registry=REGISTRY
 )
-reconcile_runs = Counter(
-    "keyq_reconcile_runs_total", "Reconciler runs", registry=REGISTRY
-)
+reconcile_runs = Counter("keyq_reconcile_runs_total", "Reconciler runs", registry=REGISTRY)
 reconcile_healed = Counter(
     "keyq_reconcile_healed_total", "Drifts healed by the reconciler", ["kind"], registry=REGISTRY
 )
 reconcile_seconds = Histogram(
-    "keyq_reconcile_seconds", "Reconciler run duration", buckets=_LATENCY_BUCKETS,
+    "keyq_reconcile_seconds",
+    "Reconciler run duration",
+    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 

@@ -18,8 +18,11 @@ def migrate_with_lock(settings: Settings, wait_s: float = 30.0) -> None:
         wait_for_repo(repo, wait_s)
         client = redis.Redis.from_url(settings.redis_url)
         try:
-            with client.lock(settings.redis_key("migrate", "lock"),
-                             timeout=MIGRATE_LOCK_TIMEOUT_S, blocking_timeout=wait_s * 4):
+            with client.lock(
+                settings.redis_key("migrate", "lock"),
+                timeout=MIGRATE_LOCK_TIMEOUT_S,
+                blocking_timeout=wait_s * 4,
+            ):
                 repo.migrate()
         except redis.exceptions.LockError as e:
             raise RepoError(f"could not take the migration lock: {e}") from e

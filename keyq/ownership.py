@@ -110,8 +110,9 @@ class Leases:
         return {p: bool(ok) for p, ok in zip(parts, result, strict=True)}
 
     def release(self, partition: int, owner: str, token: int) -> bool:
-        return bool(self._compare_delete(keys=[self.lease_key(partition)],
-                                         args=[f"{owner}|{token}"]))
+        return bool(
+            self._compare_delete(keys=[self.lease_key(partition)], args=[f"{owner}|{token}"])
+        )
 
     def holders(self) -> dict[int, LeaseInfo]:
         """Every partition's current lease holder (one pipeline)."""
@@ -200,7 +201,6 @@ class PartitionOwnership:
         hooks: OwnershipHooks,
         static_partitions: tuple[int, ...] | None = None,
         info: dict[str, object] | None = None,
-        clock: type[time] | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -242,7 +242,8 @@ class PartitionOwnership:
         if self.node_id not in members:
             members = [*members, self.node_id]
         return {
-            p for p in range(self.settings.partitions)
+            p
+            for p in range(self.settings.partitions)
             if rendezvous_owner(p, members) == self.node_id
         }
 
@@ -325,9 +326,10 @@ class PartitionOwnership:
             if time.monotonic() - last_renew > self.settings.lease_ttl_s / 4:
                 self.heartbeat()  # many claims in one tick: keep earlier ones alive
                 last_renew = time.monotonic()
-            token = self.leases.claim(p, self.node_id)
-            if token is None:
+            claimed = self.leases.claim(p, self.node_id)
+            if claimed is None:
                 continue
+            token = claimed
             try:
                 self.hooks.prepare(p, token)
                 self.hooks.start_consuming(p)
@@ -341,7 +343,11 @@ class PartitionOwnership:
         if report.acquired or report.released or report.lost:
             log.info(
                 "keyq ownership node=%s acquired=%s released=%s lost=%s held=%d",
-                self.node_id, report.acquired, report.released, report.lost, len(self.held()),
+                self.node_id,
+                report.acquired,
+                report.released,
+                report.lost,
+                len(self.held()),
             )
         return report
 
@@ -375,5 +381,6 @@ class PartitionOwnership:
         try:
             fn(partition)  # type: ignore[operator]
         except Exception:
-            log.exception("keyq ownership hook failed partition=%s node=%s", partition,
-                          self.node_id)
+            log.exception(
+                "keyq ownership hook failed partition=%s node=%s", partition, self.node_id
+            )

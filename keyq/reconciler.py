@@ -63,7 +63,9 @@ class Reconciler:
         metrics.reconcile_seconds.observe(report.duration_s)
         log.info(
             "keyq reconcile names_checked=%d names_released=%d duration_ms=%.1f budget_hit=%s",
-            report.names_checked, report.names_released, report.duration_s * 1000,
+            report.names_checked,
+            report.names_released,
+            report.duration_s * 1000,
             report.budget_exhausted,
         )
         return report
@@ -83,10 +85,9 @@ class Reconciler:
             if self._over_budget(report, started, report.names_checked):
                 return
             report.names_checked += 1
-            if node not in live:
-                if self._compare_delete(keys=[name_key], args=[node]):
-                    report.names_released += 1
-                    metrics.reconcile_healed.labels("orphan_name").inc()
+            if node not in live and self._compare_delete(keys=[name_key], args=[node]):
+                report.names_released += 1
+                metrics.reconcile_healed.labels("orphan_name").inc()
 
     def names_live_members(self) -> list[str]:
         from keyq.ownership import Membership
@@ -98,6 +99,6 @@ def install_reconcile_task(app: Any, settings: Settings) -> None:
     """Register the beat task on a Celery app (worker side)."""
     from keyq.celery_app import RECONCILE_TASK
 
-    @app.task(name=RECONCILE_TASK, ignore_result=True)  # type: ignore[misc]
+    @app.task(name=RECONCILE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reconcile() -> dict[str, Any]:
         return Reconciler(settings).run_once().to_json()

@@ -53,13 +53,15 @@ class NameRegistry:
     def name_key(self, entity: str, key: str) -> str:
         return self.settings.redis_key("n", entity, key)
 
-    def register_many(self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]],
-                      node_id: str) -> None:
+    def register_many(
+        self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]], node_id: str
+    ) -> None:
         for entity, key in names:
             pipe.set(self.name_key(entity, key), node_id, px=self.ttl_ms)
 
-    def release_many(self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]],
-                     node_id: str) -> None:
+    def release_many(
+        self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]], node_id: str
+    ) -> None:
         for entity, key in names:
             self._compare_delete(keys=[self.name_key(entity, key)], args=[node_id], client=pipe)
 
@@ -67,9 +69,10 @@ class NameRegistry:
         node_raw = self.client.get(self.name_key(entity, key))
         if node_raw is None:
             return Resolution(entity, key, None)
-        node = node_raw.decode()
-        rows = self._live(keys=[self.settings.redis_key("members")],
-                          args=[self.settings.lease_ttl_ms])
+        node = node_raw.decode() if isinstance(node_raw, bytes) else str(node_raw)
+        rows = self._live(
+            keys=[self.settings.redis_key("members")], args=[self.settings.lease_ttl_ms]
+        )
         ages = {rows[i].decode(): int(rows[i + 1]) for i in range(0, len(rows), 2)}
         if node not in ages:
             return Resolution(entity, key, None)  # its node is gone: a leftover name
@@ -81,7 +84,10 @@ class NameRegistry:
         for raw_key in self.client.scan_iter(match=pattern, count=count):
             node = self.client.get(raw_key)
             if node is not None:
-                yield raw_key.decode(), node.decode()
+                yield (
+                    raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key),
+                    node.decode() if isinstance(node, bytes) else str(node),
+                )
 
     def count_by_node(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -125,8 +125,17 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def normalize_url(url: str) -> str:
+    """Pin the psycopg2 driver (SQLAlchemy 2.1 would pick psycopg 3 for postgresql://)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """An engine for PostgreSQL or SQLite with the settings keyq relies on."""
+    url = normalize_url(url)
     try:
         if url.startswith("sqlite"):
             engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -175,15 +184,18 @@ class Repo:
                     for chunk_start in range(0, len(key_list), 500):
                         chunk = key_list[chunk_start : chunk_start + 500]
                         rows = conn.execute(
-                            sa.select(t.key, t.state, t.version, t.fence, t.recent_ids, t.active)
-                            .where(t.entity == entity, t.key.in_(chunk))
+                            sa.select(
+                                t.key, t.state, t.version, t.fence, t.recent_ids, t.active
+                            ).where(t.entity == entity, t.key.in_(chunk))
                         )
                         for row in rows:
                             found[(entity, row.key)] = StoredState(
                                 row.state, row.version, row.fence, list(row.recent_ids), row.active
                             )
         except SQLAlchemyError as e:
-            raise RepoError(f"loading {sum(map(len, by_entity.values()))} key(s) failed: {e}") from e
+            raise RepoError(
+                f"loading {sum(map(len, by_entity.values()))} key(s) failed: {e}"
+            ) from e
         return found
 
     def load_one(self, entity: str, key: str) -> StoredState | None:
@@ -205,8 +217,9 @@ class Repo:
     # --- writes ----------------------------------------------------------------------------
 
     def _check_fence(self, conn: Connection, partition: int, fence: int) -> None:
-        stmt = self._insert(partition_table).values(partition=partition, fence=fence,
-                                                    updated_at=_now())
+        stmt = self._insert(partition_table).values(
+            partition=partition, fence=fence, updated_at=_now()
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=[partition_table.c.partition],
             set_={"fence": stmt.excluded.fence, "updated_at": stmt.excluded.updated_at},
@@ -272,7 +285,9 @@ class Repo:
                     accepted = conn.execute(stmt, rows).all()
                     if len(accepted) != len(rows):
                         got = {(r.entity, r.key) for r in accepted}
-                        refused = [(w.entity, w.key) for w in writes if (w.entity, w.key) not in got]
+                        refused = [
+                            (w.entity, w.key) for w in writes if (w.entity, w.key) not in got
+                        ]
                         raise StaleWriteError(
                             f"partition {partition}: {len(refused)} key write(s) refused "
                             f"(newer version or token in the Repo), e.g. {refused[:3]}"
@@ -382,8 +397,9 @@ class Repo:
     def count_states(self) -> int:
         try:
             with self.engine.connect() as conn:
-                return int(conn.execute(sa.select(sa.func.count()).select_from(state_table))
-                           .scalar() or 0)
+                return int(
+                    conn.execute(sa.select(sa.func.count()).select_from(state_table)).scalar() or 0
+                )
         except SQLAlchemyError as e:
             raise RepoError(f"counting states failed: {e}") from e
 

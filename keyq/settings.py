@@ -76,9 +76,8 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     url = env.get(name) or default
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if not scheme.startswith(schemes):
-        raise ConfigurationError(
-            f"{name}={redact_url(url)} must start with one of {', '.join(s + '://' for s in schemes)}"
-        )
+        allowed = ", ".join(s + "://" for s in schemes)
+        raise ConfigurationError(f"{name}={redact_url(url)} must start with one of {allowed}")
     return url
 
 
@@ -125,7 +124,8 @@ class Settings:
                 f"KEYQ_NAMESPACE={namespace!r} must match {_NAMESPACE_RE.pattern}"
             )
         modules = tuple(
-            m.strip() for m in (env.get("KEYQ_ENTITY_MODULES") or "keyq.examples").split(",")
+            m.strip()
+            for m in (env.get("KEYQ_ENTITY_MODULES") or "keyq.examples").split(",")
             if m.strip()
         )
         settings = cls(

@@ -76,6 +76,9 @@ def render_status(snap: dict[str, Any]) -> str:
         )
     c = snap["cache"]
     ratio = "n/a" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"
-    lines += ["", f"CACHE  hits {c['hits']}  misses {c['misses']}  hit ratio {ratio}",
-              f"QUEUED {snap['queued_messages']} message(s)"]
+    lines += [
+        "",
+        f"CACHE  hits {c['hits']}  misses {c['misses']}  hit ratio {ratio}",
+        f"QUEUED {snap['queued_messages']} message(s)",
+    ]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ def is_partition_queue(queue: str) -> bool:
     return bool(sep and head and tail.isdigit())
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """Redis transport that returns undeliverable partition messages to the queue's head."""
 
     def _reject_inbound_message(self, raw_message: Any) -> None:
@@ -34,11 +34,11 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
             else ""
         )
         if not is_partition_queue(queue):
-            super()._reject_inbound_message(raw_message)
+            super()._reject_inbound_message(raw_message)  # type: ignore[no-untyped-call]
             return
         for channel in self.channels:
             if channel:
-                channel.client.rpush(queue, dumps(raw_message))
+                channel.client.rpush(queue, dumps(raw_message))  # type: ignore[no-untyped-call]
                 log.info("keyq returned a message to the head of %s (no consumer here now)", queue)
                 return
-        super()._reject_inbound_message(raw_message)
+        super()._reject_inbound_message(raw_message)  # type: ignore[no-untyped-call]

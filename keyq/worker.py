@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import logging
 import time
 from collections.abc import Callable
@@ -34,14 +35,15 @@ from keyq.supervisor import RestartIntensity
 
 log = logging.getLogger(__name__)
 
+FAULT_CRASH_AFTER_COMMIT = "KEYQ_FAULT_CRASH_AFTER_COMMIT"  # tests: die after the Nth commit
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivered-but-unacked messages
 KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 def partition_of_queue(settings: Settings, queue: str) -> int | None:
     prefix = f"{settings.namespace}.p"
-    if queue.startswith(prefix) and queue[len(prefix):].isdigit():
-        return int(queue[len(prefix):])
+    if queue.startswith(prefix) and queue[len(prefix) :].isdigit():
+        return int(queue[len(prefix) :])
     return None
 
 
@@ -80,7 +82,8 @@ class WorkerRuntime(OwnershipHooks):
         self.entities = registry or EntityRegistry.from_modules(settings.entity_modules)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.broker = (
-            self.redis if settings.broker_url == settings.redis_url
+            self.redis
+            if settings.broker_url == settings.redis_url
             else redis.Redis.from_url(settings.broker_url)
         )
         self.repo = repo or Repo(settings.database_url)
@@ -101,10 +104,15 @@ class WorkerRuntime(OwnershipHooks):
             node_id,
             self,
             static_partitions=static_partitions,
-            info={"pid": __import__("os").getpid(), "started": time.time(),
-                  "static": list(static_partitions) if static_partitions else None},
+            info={
+                "pid": __import__("os").getpid(),
+                "started": time.time(),
+                "static": list(static_partitions) if static_partitions else None,
+            },
         )
         self.totals: dict[str, int] = {"applied": 0, "batches": 0, "duplicates": 0}
+        # fault injection for the exactly-once tests: exit hard between commit and ack
+        self._crash_after = int(os.environ.get(FAULT_CRASH_AFTER_COMMIT, "0") or 0)
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -120,13 +128,17 @@ class WorkerRuntime(OwnershipHooks):
         self.repo.record_fence(partition, token)
         restored = self.restore(partition)
         if restored:
-            log.info("keyq restored %d message(s) to the head of partition %s node=%s",
-                     restored, partition, self.node_id)
+            log.info(
+                "keyq restored %d message(s) to the head of partition %s node=%s",
+                restored,
+                partition,
+                self.node_id,
+            )
 
     def restore(self, partition: int) -> int:
         """Put the previous owner's unacked and in-flight messages back at the queue head."""
         queue = self.settings.queue_name(partition)
-        candidates: list[tuple[bytes, dict[str, Any]]] = []
+        candidates: list[tuple[Any, dict[str, Any]]] = []
         for tag, value in self.broker.hgetall(KOMBU_UNACKED).items():
             try:
                 payload, _exchange, routing_key = json.loads(value)
@@ -140,9 +152,7 @@ class WorkerRuntime(OwnershipHooks):
             for tag, _ in candidates:
                 pipe.zscore(KOMBU_UNACKED_INDEX, tag)
             scores = pipe.execute()
-        ordered = sorted(
-            zip(candidates, scores, strict=True), key=lambda cs: (cs[1] or 0.0)
-        )
+        ordered = sorted(zip(candidates, scores, strict=True), key=lambda cs: cs[1] or 0.0)
         inflight = self.broker.lrange(self.inflight_key(partition), 0, -1)
         args: list[Any] = [len(ordered)]
         for (tag, payload), _score in ordered:
@@ -182,7 +192,11 @@ class WorkerRuntime(OwnershipHooks):
         drained = 0
         if room > 0:
             more = self._drain(
-                keys=[queue, self.inflight_key(partition), self.ownership.leases.lease_key(partition)],
+                keys=[
+                    queue,
+                    self.inflight_key(partition),
+                    self.ownership.leases.lease_key(partition),
+                ],
                 args=[room, self.lease_value(partition, token)],
             )
             for item in more or []:
@@ -198,18 +212,34 @@ class WorkerRuntime(OwnershipHooks):
             )
         except StaleWriteError as e:
             metrics.stale_writes.inc()
-            log.error("keyq write refused partition=%s token=%s node=%s: %s",
-                      partition, token, self.node_id, e)
+            log.error(
+                "keyq write refused partition=%s token=%s node=%s: %s",
+                partition,
+                token,
+                self.node_id,
+                e,
+            )
             return  # the new owner restored these messages; nothing of ours was written
         except RepoError as e:
-            log.error("keyq gave up a batch: lease lost while the database was down "
-                      "partition=%s node=%s: %s", partition, self.node_id, e)
+            log.error(
+                "keyq gave up a batch: lease lost while the database was down "
+                "partition=%s node=%s: %s",
+                partition,
+                self.node_id,
+                e,
+            )
             raise OwnershipError(f"partition {partition} lost during a Repo outage") from e
         metrics.commit_seconds.observe(time.perf_counter() - started)
+        if self._crash_after and outcome.applied:
+            self._crash_after -= 1
+            if self._crash_after == 0:
+                log.error("keyq fault injection: exiting after commit, before ack")
+                os._exit(137)
         self._after_commit(partition, token, outcome, drained)
 
-    def _after_commit(self, partition: int, token: int, outcome: BatchOutcome,
-                      drained: int) -> None:
+    def _after_commit(
+        self, partition: int, token: int, outcome: BatchOutcome, drained: int
+    ) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
             self.cache.put_many(outcome.cache_entries, pipe=pipe)
@@ -218,8 +248,11 @@ class WorkerRuntime(OwnershipHooks):
                 pipe.rpush(reply_key, encoded)
                 pipe.pexpire(reply_key, REPLY_TTL_MS)
             now = time.monotonic()
-            renew = [a for a in outcome.touched
-                     if now - a.name_renewed_at > self.settings.idle_timeout_s / 2]
+            renew = [
+                a
+                for a in outcome.touched
+                if now - a.name_renewed_at > self.settings.idle_timeout_s / 2
+            ]
             for act in renew:
                 act.name_renewed_at = now
             self.names.register_many(pipe, [a.id for a in renew], self.node_id)
@@ -268,8 +301,11 @@ class WorkerRuntime(OwnershipHooks):
             log.error("keyq dropped a message it cannot return queue=%s", queue)
             return
         self.broker.rpush(queue, json.dumps(raw_message))
-        log.info("keyq returned a message to the head of %s (not owned here) node=%s",
-                 queue, self.node_id)
+        log.info(
+            "keyq returned a message to the head of %s (not owned here) node=%s",
+            queue,
+            self.node_id,
+        )
 
     # --- housekeeping (consumer loop) ------------------------------------------------------
 
@@ -287,8 +323,9 @@ class WorkerRuntime(OwnershipHooks):
         try:
             act.entity_type.instance.on_passivate(act.state)
         except Exception:
-            log.exception("keyq on_passivate raised entity=%s key=%s",
-                          act.entity_type.name, act.key)
+            log.exception(
+                "keyq on_passivate raised entity=%s key=%s", act.entity_type.name, act.key
+            )
 
     def _release_names(self, acts: list[Activation]) -> None:
         if not acts:

@@ -9,7 +9,7 @@ from keyq.entity import Entity, handler
 
 class Journal(Entity):
     name = "journal"
-    initial_state: dict[str, list[Any]] = {"items": []}
+    initial_state = {"items": []}  # noqa: RUF012
 
     @handler
     def append(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:

@@ -1,0 +1,256 @@
+"""Fixtures on real servers: Redis (a dedicated DB, flushed) and PostgreSQL (a database
+created for the run), SQLite files, and a factory of real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+
+from keyq.client import Client
+from keyq.repo import Repo, metadata
+from keyq.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_BASE = os.environ.get("KEYQ_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("KEYQ_TEST_REDIS_DB", "13"))
+PG_ADMIN_URL = os.environ.get("KEYQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_PARTITIONS = 8
+
+
+def poll(
+    predicate: Callable[[], object],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> object:
+    """Wait until predicate() is truthy; fail the test naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return f"{REDIS_BASE}/{REDIS_DB}"
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A PostgreSQL database created for this test run, dropped at its end."""
+    name = f"keyq_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    url = f"{base}/{name}"
+    repo = Repo(url)
+    repo.migrate()
+    repo.dispose()
+    yield url
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test that takes this runs on PostgreSQL and on SQLite, on empty tables."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'keyq.sqlite3'}"
+        repo = Repo(url)
+        repo.migrate()
+        repo.dispose()
+        yield url
+        return
+    url = request.getfixturevalue("pg_database_url")
+    from keyq.repo import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    engine.dispose()
+    yield url
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str, redis_client: redis.Redis) -> Settings:
+    return Settings(
+        broker_url=redis_url,
+        redis_url=redis_url,
+        database_url=database_url,
+        namespace=f"t{uuid.uuid4().hex[:8]}",
+        partitions=TEST_PARTITIONS,
+        entity_modules=("keyq.examples", "tests.entities"),
+        lease_ttl_ms=1000,
+        call_timeout_s=15.0,
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess exactly these settings."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "KEYQ_BROKER_URL": settings.broker_url,
+            "KEYQ_REDIS_URL": settings.redis_url,
+            "KEYQ_DATABASE_URL": settings.database_url,
+            "KEYQ_NAMESPACE": settings.namespace,
+            "KEYQ_PARTITIONS": str(settings.partitions),
+            "KEYQ_ENTITY_MODULES": ",".join(settings.entity_modules),
+            "KEYQ_LEASE_TTL_MS": str(settings.lease_ttl_ms),
+            "KEYQ_IDLE_TIMEOUT_S": str(settings.idle_timeout_s),
+            "KEYQ_MAX_ACTIVATIONS": str(settings.max_activations),
+            "KEYQ_MAX_RESTARTS": str(settings.max_restarts),
+            "KEYQ_BATCH_MAX": str(settings.batch_max),
+            "KEYQ_DEDUPE_WINDOW": str(settings.dedupe_window),
+            "KEYQ_CACHE_TTL_S": str(settings.cache_ttl_s),
+            "KEYQ_CACHE_MAX_KEYS": str(settings.cache_max_keys),
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real `keyq worker` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    partitions: str | None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def node_id(self, client: redis.Redis, settings: Settings, timeout: float = 20.0) -> str:
+        """The node id this process registered under (found by its pid in member info)."""
+        import json as _json
+
+        def find() -> str | None:
+            for raw in client.zrange(settings.redis_key("members"), 0, -1):
+                node = raw.decode()
+                info = client.get(settings.redis_key("member", node))
+                if info and _json.loads(info).get("pid") == self.pid:
+                    return node
+            return None
+
+        return str(poll(find, timeout, what=f"worker pid {self.pid} to join"))
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(
+    settings: Settings, tmp_path: Path, redis_client: redis.Redis
+) -> Iterator[WorkerFactory]:
+    """Factory: start_worker(partitions="0-3", wait=True, env={...}) -> WorkerProcess.
+
+    With wait=True it returns once the worker holds a lease (or, for a static set, all of
+    them). Every worker is stopped at teardown.
+    """
+    started: list[WorkerProcess] = []
+
+    def start(
+        partitions: str | None = None,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        settings_override: Settings | None = None,
+    ) -> WorkerProcess:
+        s = settings_override or settings
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        args = [sys.executable, "-m", "keyq", "worker", "--loglevel", "info"]
+        if partitions:
+            args += ["--partitions", partitions]
+        full_env = settings_env(s)
+        full_env.update(env or {})
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                args, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(ROOT)
+            )
+        w = WorkerProcess(proc, log_path, partitions, env or {})
+        started.append(w)
+        if wait:
+
+            def holds_lease() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"worker exited early:\n{w.log()[-3000:]}")
+                return (
+                    "keyq ownership" in w.log() and "acquired=[" in w.log() and " ready." in w.log()
+                )
+
+            poll(holds_lease, 30.0, what="worker to take its partitions")
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    c = Client(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def repo(settings: Settings) -> Iterator[Repo]:
+    r = Repo(settings.database_url)
+    yield r
+    r.dispose()

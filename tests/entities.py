@@ -1,0 +1,59 @@
+"""Entities used by the tests (loaded by workers through KEYQ_ENTITY_MODULES)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from keyq.entity import Entity, handler
+
+
+class Sequence(Entity):
+    """Records every payload it sees, in order: the witness of per-key order and once-only."""
+
+    name = "sequence"
+    initial_state: dict[str, Any] = {"seen": []}
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        seen = [*state["seen"], payload]
+        return {"seen": seen}, len(seen)
+
+
+class Witness(Entity):
+    """Records which worker process applied each message (pid), to check single activation."""
+
+    name = "witness"
+    initial_state: dict[str, Any] = {"log": []}
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        log = [*state["log"], [payload, os.getpid()]]
+        return {"log": log}, len(log)
+
+
+class Flaky(Entity):
+    """Fails on purpose: `boom` always raises, `mutate_then_boom` corrupts state then raises."""
+
+    name = "flaky"
+    initial_state: dict[str, Any] = {"n": 0, "junk": []}
+    max_restarts = 2
+    within_seconds = 5.0
+
+    @handler
+    def inc(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        return {**state, "n": state["n"] + 1}, state["n"] + 1
+
+    @handler
+    def boom(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        raise ValueError(f"boom {payload}")
+
+    @handler
+    def mutate_then_boom(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        state["junk"].append("corrupt")
+        state["n"] = -999
+        raise RuntimeError("mutated then crashed")
+
+    @handler
+    def bad_state(self, state: dict[str, Any], payload: Any) -> tuple[Any, int]:
+        return {"not json": {1, 2}}, 0
