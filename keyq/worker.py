@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -105,7 +105,7 @@ class WorkerRuntime(OwnershipHooks):
             self,
             static_partitions=static_partitions,
             info={
-                "pid": __import__("os").getpid(),
+                "pid": os.getpid(),
                 "started": time.time(),
                 "static": list(static_partitions) if static_partitions else None,
             },

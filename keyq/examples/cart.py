@@ -21,7 +21,7 @@ class Cart(Entity):
     """States: open -> checked_out. Items map item name -> quantity."""
 
     name = "cart"
-    initial_state = {"status": "open", "items": {}}  # noqa: RUF012
+    initial_state = {"status": "open", "items": {}}
 
     @handler
     def add(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], dict[str, int]]:

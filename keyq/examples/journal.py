@@ -9,7 +9,7 @@ from keyq.entity import Entity, handler
 
 class Journal(Entity):
     name = "journal"
-    initial_state = {"items": []}  # noqa: RUF012
+    initial_state = {"items": []}
 
     @handler
     def append(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
