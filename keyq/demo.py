@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,8 @@ class LocalModel:
         state = self.states.get((entity, key))
         if state is None:
             state = et.instance.initial()
-        try:
+        with suppress(Rejected):
             state, _ = et.ops[op](state, payload)
-        except Rejected:
-            pass
         self.states[(entity, key)] = state
 
 
@@ -82,7 +80,10 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
     log = log_path.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "keyq", *args],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -131,11 +132,20 @@ def run_demo(keys: int = 1000, messages: int = 20000, workers: int = 2, calls: i
         try:
             migrate_with_lock(settings)
             for i in range(workers):
-                procs.append(_spawn(["worker", "--no-migrate", "--loglevel", "warning"], env,
-                                    workdir / f"worker-{i}.log"))
-            procs.append(_spawn(["beat", "--loglevel", "warning",
-                                 "--schedule", str(workdir / "beat-schedule")],
-                                env, workdir / "beat.log"))
+                procs.append(
+                    _spawn(
+                        ["worker", "--no-migrate", "--loglevel", "warning"],
+                        env,
+                        workdir / f"worker-{i}.log",
+                    )
+                )
+            procs.append(
+                _spawn(
+                    ["beat", "--loglevel", "warning", "--schedule", str(workdir / "beat-schedule")],
+                    env,
+                    workdir / "beat.log",
+                )
+            )
             print(f"started {workers} worker process(es) and beat; logs in {workdir}")
             _wait_for_owners(settings, workers, procs)
             return _drive(settings, keys, messages, calls, rng)
@@ -147,8 +157,9 @@ def run_demo(keys: int = 1000, messages: int = 20000, workers: int = 2, calls: i
             return 1
 
 
-def _wait_for_owners(settings: Settings, workers: int,
-                     procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for_owners(
+    settings: Settings, workers: int, procs: list[subprocess.Popen[bytes]]
+) -> None:
     deadline = time.monotonic() + 60
     while True:
         snap = collect_status(settings)
@@ -195,7 +206,8 @@ def _drive(settings: Settings, keys: int, messages: int, calls: int, rng: random
 
     rejected_ok = _check_refusal(client, model)
     mismatches = [
-        (entity, key) for (entity, key), expected in model.states.items()
+        (entity, key)
+        for (entity, key), expected in model.states.items()
         if client.read(entity, key) != expected
     ]
     dead = len(client.repo.dead_letters(limit=10_000))
@@ -213,8 +225,10 @@ def _drive(settings: Settings, keys: int, messages: int, calls: int, rng: random
     for name, value in summary.items():
         print(f"  {name:<22} {value}")
     ok = not mismatches and rejected_ok and dead == 0
-    print("  check                  " + ("PASS: every key's state equals what was sent"
-                                         if ok else f"FAIL: e.g. {mismatches[:5]}"))
+    print(
+        "  check                  "
+        + ("PASS: every key's state equals what was sent" if ok else f"FAIL: e.g. {mismatches[:5]}")
+    )
     client.close()
     return 0 if ok else 1
 

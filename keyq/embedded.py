@@ -61,8 +61,21 @@ class EmbeddedRedis:
         binary = redis_server_binary()
         log = (self.workdir / "redis.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
