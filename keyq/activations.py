@@ -29,7 +29,7 @@ class Activation:
     recent_ids: list[str]
     recent_set: set[str] = field(default_factory=set)
     last_used: float = field(default_factory=time.monotonic)
-    name_renewed_at: float = 0.0
+    name_renewed_at: float = float("-inf")  # never registered yet
 
     def __post_init__(self) -> None:
         self.recent_set = set(self.recent_ids)

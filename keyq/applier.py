@@ -20,8 +20,9 @@ from typing import Any
 
 from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
+from keyq.context import HandlerContext, TimerFire, running
 from keyq.entity import JSON, EntityRegistry, EntityType, RestartPolicy
-from keyq.envelope import Envelope, parse_envelope
+from keyq.envelope import Envelope, has_nul, parse_envelope
 from keyq.errors import (
     KeyqError,
     MalformedMessageError,
@@ -31,9 +32,18 @@ from keyq.errors import (
     UnknownEntityError,
     UnknownOperationError,
 )
-from keyq.repo import DeadLetter, Repo, StateWrite, StoredState
+from keyq.repo import (
+    DeadLetter,
+    Repo,
+    StateWrite,
+    StoredState,
+    TimerChange,
+    TimerDelete,
+    TimerRow,
+)
 from keyq.settings import Settings
 from keyq.supervisor import RestartIntensity, backoff_delay
+from keyq.timers import KeyTimers, decide
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,22 @@ class BatchOutcome:
     cache_entries: list[tuple[str, str, int, JSON]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)  # send -> applied, per message
+    sent: list[tuple[int, float]] = field(default_factory=list)  # (partition, producer clock)
     restarts_by_entity: dict[str, int] = field(default_factory=dict)
+    timer_changes: list[TimerChange] = field(default_factory=list)  # committed with the batch
+    timer_fires: int = 0  # timer fires whose handler ran
+    stale_timer_fires: int = 0  # fires of timers cancelled or rescheduled since their publish
+
+
+@dataclass
+class _KeyRun:
+    """One pass over a key's pending messages: the new state, replies and timer changes."""
+
+    state: JSON
+    results: list[tuple[Envelope, str]]
+    timers: KeyTimers
+    fires: int = 0
+    stale: int = 0
 
 
 class _Crash(Exception):
@@ -113,28 +138,49 @@ class Applier:
         keep_trying: Callable[[], bool] = lambda: True,
     ) -> BatchOutcome:
         """Apply and commit one batch; raises StaleWriteError if the partition moved on."""
-        outcome = BatchOutcome(partition)
-        groups = self._parse(partition, raws, outcome)
-        if groups:
-            self._activate(partition, groups, outcome, keep_trying)
+        return self.apply_group([(partition, fence, raws)], keep_trying)
+
+    def apply_group(
+        self,
+        batches: Sequence[tuple[int, int, Sequence[object]]],
+        keep_trying: Callable[[], bool] = lambda: True,
+    ) -> BatchOutcome:
+        """Apply batches of several partitions, (partition, fence, raws) each, and commit them
+        in ONE transaction (one fsync), every fence checked; all or nothing."""
+        outcome = BatchOutcome(batches[0][0])
+        fenced: list[tuple[int, int, list[StateWrite]]] = []
+        touched: list[KeyId] = []
+        for partition, fence, raws in batches:
+            groups = self._parse(partition, raws, outcome)
+            touched.extend(groups)
             writes: list[StateWrite] = []
-            for key_id, envs in groups.items():
-                act = self.activations.get(key_id)
-                if act is None:  # evicted by the cap while loading this very batch
-                    act = self._load_activations(partition, [key_id], outcome, keep_trying)[0]
-                write = self._run_key(act, envs, outcome, keep_trying)
-                if write is not None:
-                    writes.append(write)
-        else:
-            writes = []
+            if groups:
+                self._activate(partition, groups, outcome, keep_trying)
+                timers = self._load_timers(groups, keep_trying)
+                for key_id, envs in groups.items():
+                    act = self.activations.get(key_id)
+                    if act is None:  # evicted by the cap while loading this very batch
+                        act = self._load_activations(partition, [key_id], outcome, keep_trying)[0]
+                    write = self._run_key(act, envs, outcome, keep_trying, timers.get(key_id))
+                    if write is not None:
+                        writes.append(write)
+            fenced.append((partition, fence, writes))
+        (partition, fence, writes), *others = fenced
         try:
             self._retry_repo(
-                lambda: self.repo.commit(partition, fence, writes, outcome.dead_letters),
+                lambda: self.repo.commit(
+                    partition,
+                    fence,
+                    writes,
+                    outcome.dead_letters,
+                    timers=outcome.timer_changes,
+                    others=others,
+                ),
                 keep_trying,
-                f"commit of partition {partition}",
+                f"commit of partition(s) {[b[0] for b in batches]}",
             )
         except (StaleWriteError, RepoError):
-            for key_id in groups:
+            for key_id in touched:
                 self.activations.drop(key_id)
             raise
         return outcome
@@ -156,7 +202,9 @@ class Applier:
                     raise MalformedMessageError(
                         f"message for partition {env.partition} arrived on partition {partition}"
                     )
-                self.registry.get(env.entity).handler_for(env.op)
+                entity_type = self.registry.get(env.entity)
+                if not env.system:  # keyq.activate & co. run no handler (see _run_key)
+                    entity_type.handler_for(env.op)
             except (MalformedMessageError, UnknownEntityError, UnknownOperationError) as e:
                 self._refuse(partition, raw, e, outcome)
                 continue
@@ -175,6 +223,14 @@ class Applier:
             exc,
         )
         outcome.malformed += 1
+        timer = doc.get("timer")
+        if reason == "unknown" and isinstance(timer, dict):
+            # a due timer whose entity or op is gone (code changed): consume it, or its owner
+            # would publish it again and again
+            fields = [doc.get("entity"), doc.get("key"), timer.get("name"), timer.get("id")]
+            names = [f for f in fields if isinstance(f, str)]
+            if len(names) == 4:
+                outcome.timer_changes.append(TimerDelete(*names))
         outcome.dead_letters.append(
             DeadLetter(
                 message_id=str(msg_id)[:128],
@@ -235,8 +291,20 @@ class Applier:
             state, version, recent = entity_type.instance.initial(), 0, []
         else:
             state, version, recent = stored.state, stored.version, stored.recent_ids
-        state = entity_type.instance.on_activate(state)
+        state = _on_activate(entity_type, key_id[1], state)
         return Activation(entity_type, key_id[1], partition, state, version, list(recent))
+
+    def _load_timers(
+        self, groups: dict[KeyId, list[Envelope]], keep_trying: Callable[[], bool]
+    ) -> dict[KeyId, dict[str, TimerRow]]:
+        """The timer rows of the keys that receive a timer fire in this batch (one query)."""
+        firing = [key_id for key_id, envs in groups.items() if any(e.timer for e in envs)]
+        if not firing:
+            return {}
+        loaded: dict[KeyId, dict[str, TimerRow]] = self._retry_repo(
+            lambda: self.repo.load_timers(firing), keep_trying, f"timers of {len(firing)} key(s)"
+        )
+        return loaded
 
     def _reload_state(self, act: Activation, keep_trying: Callable[[], bool]) -> JSON:
         """A restart: the key's committed state, fresh from the Repo."""
@@ -245,9 +313,8 @@ class Applier:
             keep_trying,
             f"reload of {act.entity_type.name}/{act.key}",
         )
-        if stored is None:
-            return act.entity_type.instance.on_activate(act.entity_type.instance.initial())
-        return act.entity_type.instance.on_activate(stored.state)
+        state = act.entity_type.instance.initial() if stored is None else stored.state
+        return _on_activate(act.entity_type, act.key, state)
 
     # --- running handlers ------------------------------------------------------------------
 
@@ -257,7 +324,21 @@ class Applier:
         envs: list[Envelope],
         outcome: BatchOutcome,
         keep_trying: Callable[[], bool],
+        timer_rows: dict[str, TimerRow] | None = None,
     ) -> StateWrite | None:
+        system_ids = [e.id for e in envs if e.system]
+        if system_ids:  # keyq.activate: loaded above; no handler run, no new version
+            envs = [e for e in envs if not e.system]
+            act.name_renewed_at = float("-inf")  # the name is (re)registered after the commit
+            outcome.touched.append(act)
+            log.info(
+                "keyq activated by the reconciler entity=%s key=%s message_id=%s",
+                act.entity_type.name,
+                act.key,
+                ",".join(system_ids),
+            )
+            if not envs:
+                return None
         seen: set[str] = set()
         pending: list[Envelope] = []
         for env in envs:
@@ -274,9 +355,11 @@ class Applier:
         settled: dict[str, str] = {}  # message id -> encoded error reply (not applied to state)
         attempts: dict[str, int] = {}
         state = act.state
+        started = time.time()
         while True:
             try:
-                state, results = self._run_pending(entity_type, state, pending, settled)
+                run = self._run_pending(act, state, pending, settled, timer_rows, started)
+                state, results = run.state, run.results
                 break
             except _Crash as crash:
                 env, exc, tb = crash.args
@@ -320,15 +403,21 @@ class Applier:
                 state = self._reload_state(act, keep_trying)
 
         now = time.time()
+        # never forget an id of this batch: a redelivery of the whole batch must be skipped
+        window = max(self.settings.dedupe_window, len(pending))
         for env in pending:
-            act.remember(env.id, self.settings.dedupe_window)
+            act.remember(env.id, window)
             if env.id not in settled:
                 outcome.applied += 1
             if env.sent_at:
                 outcome.latencies_s.append(max(0.0, now - env.sent_at))
+                outcome.sent.append((env.partition, env.sent_at))
         for env, encoded in results:
             if env.reply:
                 outcome.replies.append((env.id, encoded))
+        outcome.timer_changes.extend(run.timers.changes())
+        outcome.timer_fires += run.fires
+        outcome.stale_timer_fires += run.stale
         act.state = state
         act.version += len(pending)
         outcome.touched.append(act)
@@ -343,19 +432,46 @@ class Applier:
 
     def _run_pending(
         self,
-        entity_type: EntityType,
+        act: Activation,
         state: JSON,
         pending: list[Envelope],
         settled: dict[str, str],
-    ) -> tuple[JSON, list[tuple[Envelope, str]]]:
-        results: list[tuple[Envelope, str]] = []
+        timer_rows: dict[str, TimerRow] | None,
+        now: float,
+    ) -> _KeyRun:
+        """Run the key's messages in order from `state`; a crash aborts the whole run."""
+        entity_type = act.entity_type
+        run = _KeyRun(state, [], KeyTimers(entity_type.name, act.key, timer_rows))
         for env in pending:
+            fire: TimerFire | None = None
+            if env.timer is not None:
+                row = run.timers.matches(env.timer)
+                if row is None:  # cancelled or rescheduled since it was published: no effect
+                    run.stale += 1
+                    run.results.append((env, ""))
+                    continue
+                decision = decide(row, int(now * 1000))
+                run.timers.consume(row, decision)  # even if the handler then crashes for good
+                if not decision.run:
+                    run.results.append((env, ""))
+                    continue
+                fire = TimerFire(row.name, row.due_ms / 1000.0, decision.missed)
             done = settled.get(env.id)
             if done is not None:
-                results.append((env, done))
+                run.results.append((env, done))
                 continue
+            ctx = HandlerContext(
+                entity_type=entity_type,
+                key=act.key,
+                message_id=env.id,
+                partition=act.partition,
+                now=now,
+                max_payload_bytes=self.settings.max_payload_bytes,
+                timer=fire,
+            )
             try:
-                out = entity_type.ops[env.op](state, env.payload)
+                with running(ctx):
+                    out = entity_type.ops[env.op](run.state, env.payload)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError(
                         f"handler {entity_type.name}.{env.op} must return (new_state, reply), "
@@ -367,9 +483,12 @@ class Applier:
                 encoded = replies.encode(replies.ok(value)) if env.reply else ""
             except Exception as exc:
                 raise _Crash(env, exc, traceback.format_exc()) from exc
-            state = new_state
-            results.append((env, encoded))
-        return state, results
+            run.state = new_state
+            run.timers.apply(ctx.changes)  # only a handler that returned changes timers
+            if fire is not None:
+                run.fires += 1
+            run.results.append((env, encoded))
+        return run
 
     # --- repo resilience -------------------------------------------------------------------
 
@@ -391,11 +510,22 @@ class Applier:
                 delay = min(REPO_RETRY_MAX_S, delay * 2)
 
 
+def _on_activate(entity_type: EntityType, key: str, state: JSON) -> JSON:
+    """Run the entity's on_activate hook; a hook that raises is logged and skipped."""
+    try:
+        return entity_type.instance.on_activate(state)
+    except Exception:
+        log.exception("keyq on_activate raised entity=%s key=%s", entity_type.name, key)
+        return state
+
+
 def _check_json(value: object, what: str) -> None:
     try:
-        json.dumps(value, allow_nan=False, separators=(",", ":"))
+        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise TypeError(f"handler returned a {what} that is not JSON: {e}") from e
+    if has_nul(encoded):  # PostgreSQL cannot store it: the commit would fail forever
+        raise TypeError(f"handler returned a {what} with a NUL (\\u0000) character")
 
 
 def _is_json(value: object) -> bool:

@@ -14,6 +14,7 @@ from keyq.settings import Settings
 
 DISPATCH_TASK = "keyq.dispatch"  # applies a list of envelopes of one partition
 RECONCILE_TASK = "keyq.reconcile"  # the periodic reconciler (beat)
+CACHE_SWEEP_TASK = "keyq.cache_sweep"  # the periodic cache sweep (beat)
 VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; keyq restores
 BRPOP_TIMEOUT_S = 1  # kombu's BRPOP wait; a handoff waits it out before releasing a lease
 
@@ -58,7 +59,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
                 "task": RECONCILE_TASK,
                 "schedule": settings.reconcile_interval_s,
                 "options": {"queue": default_queue(settings), "expires": 60},
-            }
+            },
+            "keyq-cache-sweep": {
+                "task": CACHE_SWEEP_TASK,
+                "schedule": settings.cache_sweep_interval_s,
+                "options": {"queue": default_queue(settings), "expires": 60},
+            },
         },
     }
 

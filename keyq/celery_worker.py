@@ -6,7 +6,9 @@ PartitionOwnership in the consumer's event loop and adds or cancels partition qu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from queue import Empty
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -22,15 +24,39 @@ log = logging.getLogger(__name__)
 _delivering: dict[str, Any] = {}  # the kombu message being executed (solo pool: one at a time)
 
 
+def settle_pending_read(consumer: Any) -> bool:
+    """Cancel every queue and read the BRPOP still in flight, so a message it popped goes back
+    to its queue head (keyq's transport) BEFORE the leases are released: kombu would otherwise
+    read it only when the channel closes, after the next owner may have started.
+    True when no broker read is pending any more."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is None:
+        return False
+    try:
+        for queue in list(task_consumer.queues):
+            consumer.cancel_task_queue(queue.name)
+        channel = task_consumer.channel
+        settle = getattr(channel, "settle_in_flight", None)  # keyq.transport's channel
+        if settle is not None:
+            settle()
+        elif getattr(channel, "_in_poll", None):
+            with contextlib.suppress(Empty):
+                channel._brpop_read()
+    except Exception:
+        log.exception("keyq could not settle the pending broker read")
+        return False
+    return True
+
+
 class KeyqRequest(Request):  # type: ignore[misc]
     """Lets the task body see its raw kombu message, to return it to the queue head intact."""
 
-    def execute_using_pool(self, pool: Any, **kwargs: Any) -> Any:
+    # Celery's strategy subclasses this class and replaces execute_using_pool without calling
+    # it (create_request_cls), so the hook is on_accepted: the pool calls it just before the
+    # task body, in the same thread (solo pool).
+    def on_accepted(self, *args: Any, **kwargs: Any) -> Any:
         _delivering["message"] = self.message
-        try:
-            return super().execute_using_pool(pool, **kwargs)
-        finally:
-            _delivering.pop("message", None)
+        return super().on_accepted(*args, **kwargs)
 
 
 def build_worker_app(
@@ -54,7 +80,7 @@ def build_worker_app(
         runtime = holder.get("runtime")
         delivery = self.request.delivery_info or {}
         queue = delivery.get("routing_key") or ""
-        raw = getattr(_delivering.get("message"), "_raw", None)
+        raw = getattr(_delivering.pop("message", None), "_raw", None)
         if runtime is None:
             raise RuntimeError("keyq runtime is not started")
         runtime.handle(queue, envelopes, raw)
@@ -81,12 +107,14 @@ def build_worker_app(
                     static_partitions=static_partitions,
                     add_queue=lambda q: consumer.add_task_queue(q),
                     cancel_queue=lambda q: consumer.cancel_task_queue(q),
+                    settle=lambda: settle_pending_read(consumer),
                 )
                 holder["runtime"] = runtime
                 runtime.ownership.start_heartbeat()
             else:  # the consumer restarted (broker reconnect): re-assert our queues
                 runtime._add_queue = lambda q: consumer.add_task_queue(q)
                 runtime._cancel_queue = lambda q: consumer.cancel_task_queue(q)
+                runtime._settle = lambda: settle_pending_read(consumer)
                 for p in runtime.ownership.held():
                     consumer.add_task_queue(settings.queue_name(p))
             interval = settings.lease_ttl_s / 4

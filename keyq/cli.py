@@ -258,7 +258,11 @@ def reconcile(once: bool) -> None:
     from keyq.reconciler import Reconciler
 
     setup_logging("warning")
-    _print(Reconciler(_settings()).run_once().to_json())
+    reconciler = Reconciler(_settings())
+    try:
+        _print(reconciler.run_once().to_json())
+    finally:
+        reconciler.close()
 
 
 @main.command()

@@ -19,7 +19,12 @@ from keyq.cache import StateCache
 from keyq.celery_app import DISPATCH_TASK, make_app
 from keyq.entity import JSON, EntityRegistry
 from keyq.envelope import Envelope, check_key, make_envelope
-from keyq.errors import BrokerUnavailableError, CacheUnavailableError, CallTimeoutError
+from keyq.errors import (
+    BrokerUnavailableError,
+    CacheUnavailableError,
+    CallTimeoutError,
+    ValidationError,
+)
 from keyq.registry import NameRegistry, Resolution
 from keyq.repo import Repo
 from keyq.settings import Settings
@@ -137,6 +142,10 @@ class Client:
     ) -> JSON:
         """Send and wait for the handler's reply; typed errors for refusals and timeouts."""
         timeout = self.settings.call_timeout_s if timeout is None else timeout
+        if not timeout > 0:  # BLPOP's 0 means "wait forever"; NaN and negatives make no sense
+            raise ValidationError(
+                f"call timeout must be a positive number of seconds, got {timeout}"
+            )
         env = self.envelope(entity, key, op, payload, reply=True)
         reply_key = self.settings.redis_key("reply", env.id)
         self.publish([env])
@@ -152,16 +161,19 @@ class Client:
         return replies.decode(got[1], entity=entity, key=key, op=op, message_id=env.id)
 
     def read(self, entity: str, key: str) -> JSON:
-        """The key's current state (cache, else Repo, then fill the cache); None if unknown."""
+        """The key's current state (cache, else Repo, then fill the cache); None if unknown.
+
+        A hit is one Redis round trip (one script: the entry, hit/miss counters, last-read time
+        and read count). A miss fills with compare-and-set, so it never overwrites a newer
+        version written meanwhile.
+        """
         self.registry.get(entity)
         check_key(key, self.settings.max_key_length)
-        hit = self.cache.get(entity, key)
+        hit = self.cache.read(entity, key)
         if hit is not None:
             metrics.cache_reads.labels("hit").inc()
-            self.cache.count(hit=True)
             return hit.state
         metrics.cache_reads.labels("miss").inc()
-        self.cache.count(hit=False)
         stored = self.repo.load_one(entity, key)
         if stored is None:
             return None

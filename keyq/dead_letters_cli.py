@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from keyq.errors import KeyqError
 from keyq.settings import Settings
 
 
@@ -80,7 +81,10 @@ def show(ids: tuple[int, ...]) -> None:
 @click.argument("ids", type=int, nargs=-1, required=True)
 @click.option("--keep", is_flag=True, help="Keep the rows after re-sending them.")
 def replay(ids: tuple[int, ...], keep: bool) -> None:
-    """Re-send the original messages on their keys' partitions (new message ids)."""
+    """Re-send the original messages on their keys' partitions (new message ids).
+
+    Rows that cannot be re-sent (malformed or unknown messages) are reported and kept.
+    """
     from keyq.client import Client
     from keyq.repo import Repo
 
@@ -91,13 +95,24 @@ def replay(ids: tuple[int, ...], keep: bool) -> None:
     if missing:
         click.echo(f"error: no dead letter with id(s) {missing}", err=True)
         sys.exit(1)
+    replayed: list[int] = []
+    failed = 0
     with Client(settings) as client:
         for d in found:
             env = d.envelope if isinstance(d.envelope, dict) else {}
-            message_id = client.send(d.entity, d.key, d.op, env.get("payload"))
+            try:  # a new id: the original one is in the key's dedupe window and would be skipped
+                message_id = client.send(d.entity, d.key, d.op, env.get("payload"))
+            except KeyqError as e:  # e.g. a malformed message: nothing to re-send; keep the row
+                failed += 1
+                _print({"dead_letter": d.id, "error": f"{type(e).__name__}: {e}"})
+                continue
             _print({"dead_letter": d.id, "replayed_as": message_id})
-    if not keep:
-        repo.purge_dead_letters(ids=[d.id for d in found if d.id is not None])
+            if d.id is not None:
+                replayed.append(d.id)
+    if replayed and not keep:
+        repo.purge_dead_letters(ids=replayed)
+    if failed:
+        sys.exit(1)
 
 
 @dead_letters.command()

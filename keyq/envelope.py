@@ -8,6 +8,7 @@ broker may come from anywhere.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,10 +20,31 @@ from keyq.errors import (
     InvalidPayloadError,
     MalformedMessageError,
     PayloadTooLargeError,
+    UnknownOperationError,
 )
 from keyq.routing import partition_for
 
 ENVELOPE_VERSION = 1
+MAX_MESSAGE_ID_LENGTH = 128  # the dead-letter table's message_id column
+SYSTEM_OP_PREFIX = "keyq."  # ops reserved for keyq's own messages; producers cannot send them
+ACTIVATE_OP = "keyq.activate"  # reconciler -> worker: activate the key, run no handler
+SYSTEM_OPS = frozenset({ACTIVATE_OP})
+
+
+def is_system_op(op: str) -> bool:
+    return op.startswith(SYSTEM_OP_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRef:
+    """Marks a message as the fire of a key's timer (checked against the Repo's timer row)."""
+
+    name: str
+    timer_id: str
+    due_ms: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "id": self.timer_id, "due_ms": self.due_ms}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +59,11 @@ class Envelope:
     partition: int
     reply: bool  # a caller waits for the reply on Redis
     sent_at: float
+    timer: TimerRef | None = None  # set on a timer's fire, published by the owning worker
+    system: bool = False  # published by keyq itself (reconciler); op in SYSTEM_OPS
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": ENVELOPE_VERSION,
             "id": self.id,
             "entity": self.entity,
@@ -50,6 +74,11 @@ class Envelope:
             "reply": self.reply,
             "sent_at": self.sent_at,
         }
+        if self.timer is not None:
+            wire["timer"] = self.timer.to_wire()
+        if self.system:
+            wire["system"] = True
+        return wire
 
 
 def check_key(key: object, max_length: int) -> str:
@@ -59,7 +88,29 @@ def check_key(key: object, max_length: int) -> str:
         raise InvalidKeyError("key must not be empty")
     if len(key) > max_length:
         raise InvalidKeyError(f"key is {len(key)} characters long; the limit is {max_length}")
+    if "\x00" in key:
+        raise InvalidKeyError("key must not contain NUL (\\x00) characters")
     return key
+
+
+def check_message_id(message_id: object) -> str:
+    """A message id is stored with the key's state and in dead letters: bounded, no NUL."""
+    if not isinstance(message_id, str) or not message_id:
+        raise MalformedMessageError("message id must be a non-empty string")
+    if len(message_id) > MAX_MESSAGE_ID_LENGTH or "\x00" in message_id:
+        raise MalformedMessageError(
+            f"message id must be at most {MAX_MESSAGE_ID_LENGTH} characters, without NUL"
+        )
+    return message_id
+
+
+# a \u0000 escape in encoded JSON (preceded by an even number of backslashes)
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_nul(encoded_json: str) -> bool:
+    """Whether JSON text holds a NUL character, which PostgreSQL (text and JSONB) cannot store."""
+    return "\\u0000" in encoded_json and _JSON_NUL.search(encoded_json) is not None
 
 
 def check_payload(payload: object, max_bytes: int) -> int:
@@ -68,6 +119,8 @@ def check_payload(payload: object, max_bytes: int) -> int:
         encoded = json.dumps(payload, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise InvalidPayloadError(f"payload is not JSON: {e}") from e
+    if has_nul(encoded):
+        raise InvalidPayloadError("payload must not contain NUL (\\u0000) characters")
     size = len(encoded.encode("utf-8"))
     if size > max_bytes:
         raise PayloadTooLargeError(
@@ -96,11 +149,17 @@ def make_envelope(
     """Validate a producer's message and build its envelope (nothing is published here)."""
     if not isinstance(entity, str):
         raise MalformedMessageError(f"entity must be a string, got {type(entity).__name__}")
-    registry.get(entity).handler_for(op)
+    entity_type = registry.get(entity)
+    if isinstance(op, str) and is_system_op(op):
+        raise UnknownOperationError(
+            f"entity {entity!r} has no operation {op!r}: ops starting with "
+            f"{SYSTEM_OP_PREFIX!r} are reserved for keyq's internal messages"
+        )
+    entity_type.handler_for(op)
     check_key(key, max_key_length)
     check_payload(payload, max_payload_bytes)
     return Envelope(
-        id=message_id or new_message_id(),
+        id=new_message_id() if message_id is None else check_message_id(message_id),
         entity=entity,
         key=key,
         op=op,
@@ -111,10 +170,30 @@ def make_envelope(
     )
 
 
+def make_system_envelope(entity: str, key: str, op: str, *, partitions: int) -> Envelope:
+    """An internal message (e.g. the reconciler's keyq.activate); never from producer input."""
+    if op not in SYSTEM_OPS:
+        raise MalformedMessageError(f"{op!r} is not a keyq system operation")
+    return Envelope(
+        id=new_message_id(),
+        entity=entity,
+        key=key,
+        op=op,
+        payload=None,
+        partition=partition_for(key, partitions),
+        reply=False,
+        sent_at=time.time(),
+        system=True,
+    )
+
+
 def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Envelope:
     """Re-check a wire envelope in the worker; MalformedMessageError names what is wrong."""
     if not isinstance(raw, dict):
         raise MalformedMessageError(f"envelope must be a JSON object, got {type(raw).__name__}")
+    if set(raw) == {"error"} and isinstance(raw["error"], str):
+        # worker.decode_task_message's stand-in for a broker message it refused to decode
+        raise MalformedMessageError(raw["error"])
     missing = [f for f in ("id", "entity", "key", "op", "partition") if f not in raw]
     if missing:
         raise MalformedMessageError(f"envelope lacks field(s): {', '.join(missing)}")
@@ -124,6 +203,7 @@ def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Enve
     for field_name, value in (("id", msg_id), ("entity", entity), ("op", op)):
         if not isinstance(value, str) or not value:
             raise MalformedMessageError(f"envelope field {field_name!r} must be a non-empty string")
+    check_message_id(msg_id)
     try:
         key = check_key(raw["key"], max_key_length)
     except InvalidKeyError as e:
@@ -133,6 +213,12 @@ def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Enve
         raise MalformedMessageError(
             f"envelope partition {partition!r} does not match the key's partition "
             f"{partition_for(key, partitions)} (is KEYQ_PARTITIONS the same everywhere?)"
+        )
+    system = raw.get("system", False) is True
+    if is_system_op(op) != system or (system and op not in SYSTEM_OPS):
+        raise MalformedMessageError(
+            f"envelope op {op!r} with system={system}: ops starting with {SYSTEM_OP_PREFIX!r} "
+            "come only from keyq itself, and only known ones"
         )
     sent_at = raw.get("sent_at", 0.0)
     return Envelope(
@@ -144,4 +230,17 @@ def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Enve
         partition=partition,
         reply=bool(raw.get("reply", False)),
         sent_at=float(sent_at) if isinstance(sent_at, int | float) else 0.0,
+        timer=_parse_timer_ref(raw.get("timer")),
+        system=system,
     )
+
+
+def _parse_timer_ref(raw: object) -> TimerRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise MalformedMessageError("envelope field 'timer' must be an object")
+    name, timer_id, due_ms = raw.get("name"), raw.get("id"), raw.get("due_ms")
+    if not (isinstance(name, str) and isinstance(timer_id, str) and isinstance(due_ms, int)):
+        raise MalformedMessageError("envelope field 'timer' needs name, id and due_ms")
+    return TimerRef(name, timer_id, due_ms)

@@ -83,6 +83,26 @@ reconcile_runs = Counter("keyq_reconcile_runs_total", "Reconciler runs", registr
 reconcile_healed = Counter(
     "keyq_reconcile_healed_total", "Drifts healed by the reconciler", ["kind"], registry=REGISTRY
 )
+reconcile_skipped = Counter(
+    "keyq_reconcile_skipped_total",
+    "Reconciler runs skipped because another run held the lock",
+    registry=REGISTRY,
+)
+cache_keys = Gauge(
+    "keyq_cache_keys", "Entries in the hot-read cache (as of the last sweep)", registry=REGISTRY
+)
+cache_swept = Counter(
+    "keyq_cache_swept_total",
+    "Cache entries removed by the sweep",
+    ["reason"],
+    registry=REGISTRY,
+)
+cache_sweep_seconds = Histogram(
+    "keyq_cache_sweep_seconds",
+    "Cache sweep duration",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 reconcile_seconds = Histogram(
     "keyq_reconcile_seconds",
     "Reconciler run duration",

@@ -138,18 +138,39 @@ class Membership:
         self.client = client
         self.settings = settings
         self.members_key = settings.redis_key("members")
+        self.balanced_key = settings.redis_key("members", "balanced")
         self._heartbeat = register(client, "heartbeat")
         self._live = register(client, "live_members")
 
     def info_key(self, node_id: str) -> str:
         return self.settings.redis_key("member", node_id)
 
-    def heartbeat(self, node_id: str, info: dict[str, object]) -> list[str]:
-        members = self._heartbeat(
-            keys=[self.members_key, self.info_key(node_id)],
-            args=[node_id, self.settings.lease_ttl_ms, json.dumps(info)],
+    def heartbeat(
+        self, node_id: str, info: dict[str, object], balanced: bool = True
+    ) -> tuple[list[str], set[int]]:
+        """Announce a node; returns the live members that share partitions by rendezvous, and
+        the partitions that live static nodes (``keyq worker --partitions``) keep for themselves.
+
+        A static node is a member (status, registry) but is left out of the rendezvous set:
+        partitions hashed to it would otherwise never be consumed.
+        """
+        members, static_infos = self._heartbeat(
+            keys=[self.members_key, self.info_key(node_id), self.balanced_key],
+            args=[
+                node_id,
+                self.settings.lease_ttl_ms,
+                json.dumps(info),
+                "1" if balanced else "0",
+                self.info_key(""),
+            ],
         )
-        return sorted(m.decode() for m in members)
+        static: set[int] = set()
+        for raw in static_infos:
+            try:
+                static.update(int(p) for p in json.loads(raw).get("static") or ())
+            except (ValueError, TypeError, AttributeError):
+                continue
+        return sorted(m.decode() for m in members), static
 
     def live(self) -> dict[str, int]:
         """Live member -> heartbeat age in ms."""
@@ -163,6 +184,7 @@ class Membership:
     def leave(self, node_id: str) -> None:
         pipe = self.client.pipeline()
         pipe.zrem(self.members_key, node_id)
+        pipe.zrem(self.balanced_key, node_id)
         pipe.delete(self.info_key(node_id))
         pipe.execute()
 
@@ -180,6 +202,11 @@ class OwnershipHooks(Protocol):
 
     def forget(self, partition: int) -> None:
         """Drop in-memory activations of a partition this node no longer owns."""
+
+    def settle(self) -> bool:
+        """After consumers stop and before leases go: take back what a broker read still holds
+        (to the queue head). True if nothing can arrive any more, so no grace wait is needed."""
+        return False
 
 
 @dataclass
@@ -214,7 +241,11 @@ class PartitionOwnership:
         self._held: dict[int, int] = {}  # partition -> token, consuming
         self._draining: dict[int, tuple[int, float]] = {}  # partition -> (token, stop time)
         self._lost: set[int] = set()  # renewal failed; the loop stops consuming at next tick
+        # partition -> monotonic time its lease surely lasts until (claim or renewal start + TTL):
+        # past it this node stops applying even before its heartbeat learns the lease is gone
+        self._valid_until: dict[int, float] = {}
         self._members: list[str] = []
+        self._static_elsewhere: set[int] = set()  # partitions of live static nodes
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -226,7 +257,15 @@ class PartitionOwnership:
         with self._lock:
             if partition in self._lost:
                 return None
+            if time.monotonic() >= self._valid_until.get(partition, 0.0):
+                return None
             return self._held.get(partition)
+
+    def mark_lost(self, partition: int) -> None:
+        """The task body learnt that the partition moved on (a refused write)."""
+        with self._lock:
+            if partition in self._held:
+                self._lost.add(partition)
 
     def held(self) -> dict[int, int]:
         with self._lock:
@@ -241,27 +280,40 @@ class PartitionOwnership:
             return set(self.static_partitions)
         if self.node_id not in members:
             members = [*members, self.node_id]
+        with self._lock:
+            static = set(self._static_elsewhere)
         return {
             p
             for p in range(self.settings.partitions)
-            if rendezvous_owner(p, members) == self.node_id
+            if p not in static and rendezvous_owner(p, members) == self.node_id
         }
 
     # --- heartbeat thread ------------------------------------------------------------------
 
     def heartbeat(self) -> None:
         """Announce this node and renew the leases it holds (or drains); mark lost ones."""
-        info = {**self.info, "partitions": sorted(self.held()), "ts": time.time()}
-        members = self.membership.heartbeat(self.node_id, info)
+        with self._lock:
+            consuming = sorted(p for p in self._held if p not in self._lost)
+        info = {**self.info, "partitions": consuming, "ts": time.time()}
+        members, static = self.membership.heartbeat(
+            self.node_id, info, balanced=self.static_partitions is None
+        )
         with self._lock:
             self._members = members
-            renewing = dict(self._held)
+            self._static_elsewhere = static
+            # a lost lease is not renewed again (the loop drops it at its next tick)
+            renewing = {p: tok for p, tok in self._held.items() if p not in self._lost}
             renewing.update({p: tok for p, (tok, _) in self._draining.items()})
+        started = time.monotonic()
         result = self.leases.renew(self.node_id, renewing)
         lost = [p for p, ok in result.items() if not ok]
-        if lost:
-            with self._lock:
+        with self._lock:
+            for p, ok in result.items():
+                if ok and self._held.get(p) == renewing[p]:
+                    self._valid_until[p] = started + self.settings.lease_ttl_s
+            if lost:
                 self._lost.update(p for p in lost if p in self._held)
+        if lost:
             log.error("keyq lost partition leases node=%s partitions=%s", self.node_id, lost)
 
     def start_heartbeat(self) -> None:
@@ -294,6 +346,7 @@ class PartitionOwnership:
             lost = [p for p in self._lost if p in self._held]
             for p in lost:
                 del self._held[p]
+                self._valid_until.pop(p, None)
             self._lost.clear()
         for p in lost:
             self._safe(self.hooks.stop_consuming, p)
@@ -305,6 +358,7 @@ class PartitionOwnership:
                 self._safe(self.hooks.stop_consuming, p)
                 with self._lock:
                     self._held.pop(p, None)
+                    self._valid_until.pop(p, None)
                     self._draining[p] = (token, now)
                 self._safe(self.hooks.forget, p)
 
@@ -326,6 +380,7 @@ class PartitionOwnership:
             if time.monotonic() - last_renew > self.settings.lease_ttl_s / 4:
                 self.heartbeat()  # many claims in one tick: keep earlier ones alive
                 last_renew = time.monotonic()
+            claim_started = time.monotonic()
             claimed = self.leases.claim(p, self.node_id)
             if claimed is None:
                 continue
@@ -339,6 +394,7 @@ class PartitionOwnership:
                 continue
             with self._lock:
                 self._held[p] = token
+                self._valid_until[p] = claim_started + self.settings.lease_ttl_s
             report.acquired.append(p)
         if report.acquired or report.released or report.lost:
             log.info(
@@ -352,30 +408,45 @@ class PartitionOwnership:
         return report
 
     def shutdown(self, grace_s: float = HANDOFF_GRACE_S) -> None:
-        """Graceful handoff of everything: stop consuming, wait out BRPOP, release, leave."""
+        """Graceful handoff of everything: stop consuming, take back what a pending broker read
+        holds (or wait it out), release the leases (delete, not expire), leave."""
         held = self.held()
         for p in held:
             self._safe(self.hooks.stop_consuming, p)
-        if held:
+        settled = False
+        try:
+            settled = self.hooks.settle()
+        except Exception:
+            log.exception("keyq could not settle the pending broker read node=%s", self.node_id)
+        if held and not settled:
             time.sleep(grace_s)
         with self._lock:
             draining = {p: tok for p, (tok, _) in self._draining.items()}
             self._held.clear()
             self._draining.clear()
+            self._valid_until.clear()
         self._stopping = True
         self._wake.set()
-        for p, token in {**held, **draining}.items():
+        if self._thread is not None:
+            self._thread.join(timeout=2)  # no renewal may race the releases below
+        released: list[int] = []
+        expired: list[int] = []
+        for p, token in sorted({**held, **draining}.items()):
             try:
-                self.leases.release(p, self.node_id, token)
+                (released if self.leases.release(p, self.node_id, token) else expired).append(p)
             except redis.RedisError as e:
                 log.error("keyq could not release partition %s: %s", p, e)
+                expired.append(p)
         try:
             self.membership.leave(self.node_id)
         except redis.RedisError as e:
             log.error("keyq could not leave membership: %s", e)
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        log.info("keyq node left node=%s released=%s", self.node_id, sorted(held))
+        log.info(
+            "keyq node left node=%s released=%s not_ours_any_more=%s",
+            self.node_id,
+            released,
+            expired,
+        )
 
     def _safe(self, fn: object, partition: int) -> None:
         try:

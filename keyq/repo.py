@@ -9,6 +9,7 @@ migrations (keyq/migrations); the tables here mirror it for queries.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -70,6 +71,53 @@ dead_letter_table = sa.Table(
 )
 
 
+timer_table = sa.Table(
+    "keyq_timer",
+    metadata,
+    sa.Column("entity", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(1024), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("timer_id", sa.String(32), nullable=False),
+    sa.Column("partition", sa.Integer, nullable=False),
+    sa.Column("due_ms", sa.BigInteger, nullable=False),
+    sa.Column("op", sa.String(64), nullable=False),
+    sa.Column("payload", _json, nullable=True),
+    sa.Column("every_ms", sa.BigInteger, nullable=True),
+    sa.Column("catch_up", sa.String(16), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_keyq_timer_due", "partition", "due_ms"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRow:
+    """A pending timer of one key: fire `op` with `payload` at due_ms (then every every_ms)."""
+
+    entity: str
+    key: str
+    name: str
+    timer_id: str  # new for every schedule: with due_ms it makes the fire's message id
+    partition: int
+    due_ms: int
+    op: str
+    payload: JSON = None
+    every_ms: int | None = None
+    catch_up: str = "coalesce"  # "coalesce" | "skip" | "each"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerDelete:
+    """A timer of one key to delete in the batch's commit (fired or cancelled)."""
+
+    entity: str
+    key: str
+    name: str
+    timer_id: str | None = None  # set: delete only if the row is still this timer
+
+
+TimerChange = TimerRow | TimerDelete
+
+
 @dataclass(frozen=True, slots=True)
 class StoredState:
     """A key's durable state as loaded from the Repo."""
@@ -114,6 +162,23 @@ class DeadLetter:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _text(value: str, limit: int | None = None) -> str:
+    """Dead-letter text as PostgreSQL can store it: NUL spelled out, cut to the column."""
+    value = value.replace("\x00", "\\x00")
+    return value if limit is None else value[:limit]
+
+
+def _storable_json(value: JSON) -> JSON:
+    """A dead letter's envelope as PostgreSQL's JSONB can store it (it refuses \\u0000)."""
+    try:
+        encoded = json.dumps(value)
+    except (TypeError, ValueError):
+        return _text(repr(value))
+    if "\\u0000" not in encoded:
+        return value
+    return json.loads(encoded.replace("\\u0000", "\\\\u0000"))
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -245,14 +310,26 @@ class Repo:
         fence: int,
         writes: Sequence[StateWrite],
         dead_letters: Sequence[DeadLetter] = (),
+        timers: Sequence[TimerChange] = (),
+        others: Sequence[tuple[int, int, Sequence[StateWrite]]] = (),
     ) -> None:
-        """One transaction for a batch; StaleWriteError if a newer owner or version exists."""
-        if not writes and not dead_letters:
+        """One transaction for a batch; StaleWriteError if a newer owner or version exists.
+
+        ``others`` are (partition, fence, writes) of more partitions committed in the same
+        transaction (cross-partition group commit: one fsync for all), each fence checked.
+
+        Timer changes (set, rescheduled, fired or cancelled) go in the same transaction as the
+        state that made them, so a timer is created, and consumed, exactly once.
+        """
+        fenced = [(partition, fence, writes), *others]
+        writes = [w for _, _, ws in fenced for w in ws]
+        if not writes and not dead_letters and not timers:
             return
         now = _now()
         try:
             with self.engine.begin() as conn:
-                self._check_fence(conn, partition, fence)
+                for p, f, _ in fenced:
+                    self._check_fence(conn, p, f)
                 if writes:
                     rows = [
                         {
@@ -260,12 +337,13 @@ class Repo:
                             "key": w.key,
                             "state": w.state,
                             "version": w.version,
-                            "fence": fence,
+                            "fence": f,  # a key's row carries its own partition's token
                             "recent_ids": w.recent_ids,
                             "active": w.active,
                             "updated_at": now,
                         }
-                        for w in writes
+                        for _, f, ws in fenced
+                        for w in ws
                     ]
                     stmt = self._insert(state_table)
                     ex = stmt.excluded
@@ -297,26 +375,122 @@ class Repo:
                         sa.insert(dead_letter_table),
                         [
                             {
-                                "message_id": d.message_id,
-                                "entity": d.entity[:128],
-                                "key": d.key[:1024],
-                                "op": d.op[:128],
+                                "message_id": _text(d.message_id, 128),
+                                "entity": _text(d.entity, 128),
+                                "key": _text(d.key, 1024),
+                                "op": _text(d.op, 128),
                                 "partition": d.partition,
-                                "envelope": d.envelope,
+                                "envelope": _storable_json(d.envelope),
                                 "reason": d.reason,
-                                "error_type": d.error_type[:256],
-                                "error_message": d.error_message,
-                                "traceback": d.traceback,
+                                "error_type": _text(d.error_type, 256),
+                                "error_message": _text(d.error_message),
+                                "traceback": _text(d.traceback),
                                 "attempts": d.attempts,
                                 "created_at": now,
                             }
                             for d in dead_letters
                         ],
                     )
+                if timers:
+                    self._write_timers(conn, timers, now)
         except StaleWriteError:
             raise
         except SQLAlchemyError as e:
             raise RepoError(f"commit of partition {partition} failed: {e}") from e
+
+    def _write_timers(
+        self, conn: Connection, changes: Sequence[TimerChange], now: datetime
+    ) -> None:
+        t = timer_table.c
+        last: dict[tuple[str, str, str], TimerChange] = {}
+        for change in changes:  # ON CONFLICT cannot touch a row twice: the last change wins
+            last[(change.entity, change.key, change.name)] = change
+        deletes = [c for c in last.values() if isinstance(c, TimerDelete)]
+        upserts = [c for c in last.values() if isinstance(c, TimerRow)]
+        by_name = sa.delete(timer_table).where(
+            t.entity == sa.bindparam("e"), t.key == sa.bindparam("k"), t.name == sa.bindparam("n")
+        )
+        plain = [{"e": d.entity, "k": d.key, "n": d.name} for d in deletes if d.timer_id is None]
+        if plain:
+            conn.execute(by_name, plain)
+        exact = [
+            {"e": d.entity, "k": d.key, "n": d.name, "i": d.timer_id}
+            for d in deletes
+            if d.timer_id is not None
+        ]
+        if exact:
+            conn.execute(by_name.where(t.timer_id == sa.bindparam("i")), exact)
+        if upserts:
+            stmt = self._insert(timer_table)
+            ex = stmt.excluded
+            columns = ("timer_id", "partition", "due_ms", "op", "payload", "every_ms", "catch_up")
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[t.entity, t.key, t.name],
+                set_={**{c: getattr(ex, c) for c in columns}, "updated_at": ex.updated_at},
+            ).returning(t.name)  # with RETURNING, SQLAlchemy sends one multi-VALUES statement
+            conn.execute(
+                stmt,
+                [
+                    {
+                        "entity": r.entity,
+                        "key": r.key,
+                        "name": r.name,
+                        "timer_id": r.timer_id,
+                        "partition": r.partition,
+                        "due_ms": r.due_ms,
+                        "op": r.op,
+                        "payload": r.payload,
+                        "every_ms": r.every_ms,
+                        "catch_up": r.catch_up,
+                        "updated_at": now,
+                    }
+                    for r in upserts
+                ],
+            ).all()
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def load_timers(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, TimerRow]]:
+        """The pending timers of some keys, by key then timer name."""
+        by_entity: dict[str, list[str]] = {}
+        for entity, key in keys:
+            by_entity.setdefault(entity, []).append(key)
+        found: dict[tuple[str, str], dict[str, TimerRow]] = {}
+        t = timer_table.c
+        try:
+            with self.engine.connect() as conn:
+                for entity, key_list in by_entity.items():
+                    for start in range(0, len(key_list), 500):
+                        rows = conn.execute(
+                            sa.select(timer_table).where(
+                                t.entity == entity, t.key.in_(key_list[start : start + 500])
+                            )
+                        )
+                        for row in rows:
+                            found.setdefault((entity, row.key), {})[row.name] = _timer(row)
+        except SQLAlchemyError as e:
+            raise RepoError(f"loading the timers of {len(found)} key(s) failed: {e}") from e
+        return found
+
+    def due_timers(self, partitions: Iterable[int], now_ms: int, limit: int) -> list[TimerRow]:
+        """Timers of these partitions due at now_ms, earliest first, at most `limit`."""
+        parts = sorted(set(partitions))
+        if not parts or limit <= 0:
+            return []
+        t = timer_table.c
+        query = (
+            sa.select(timer_table)
+            .where(t.partition.in_(parts), t.due_ms <= now_ms)
+            .order_by(t.due_ms)
+            .limit(limit)
+        )
+        try:
+            with self.engine.connect() as conn:
+                return [_timer(row) for row in conn.execute(query)]
+        except SQLAlchemyError as e:
+            raise RepoError(f"polling due timers failed: {e}") from e
 
     # --- dead letters ----------------------------------------------------------------------
 
@@ -402,6 +576,21 @@ class Repo:
                 )
         except SQLAlchemyError as e:
             raise RepoError(f"counting states failed: {e}") from e
+
+
+def _timer(row: Any) -> TimerRow:
+    return TimerRow(
+        entity=row.entity,
+        key=row.key,
+        name=row.name,
+        timer_id=row.timer_id,
+        partition=row.partition,
+        due_ms=int(row.due_ms),
+        op=row.op,
+        payload=row.payload,
+        every_ms=None if row.every_ms is None else int(row.every_ms),
+        catch_up=row.catch_up,
+    )
 
 
 def wait_for_repo(repo: Repo, timeout_s: float) -> None:

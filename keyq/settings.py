@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,8 +19,10 @@ DEFAULT_IDLE_TIMEOUT_S = 300.0  # an activation idle this long is passivated
 DEFAULT_MAX_ACTIVATIONS = 10_000  # per worker process, least recently used out first
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_MAX_KEY_LENGTH = 256
+MAX_KEY_LENGTH_LIMIT = 1024  # the Repo's key columns (keyq_state.key) hold this many characters
 DEFAULT_CACHE_TTL_S = 3600.0
 DEFAULT_CACHE_MAX_KEYS = 1_000_000
+DEFAULT_CACHE_SWEEP_INTERVAL_S = 5.0  # the beat's cache sweep (the reconciler sweeps too)
 DEFAULT_DEDUPE_WINDOW = 256  # applied message ids remembered per key
 DEFAULT_BATCH_MAX = 256  # messages applied in one group commit
 DEFAULT_MAX_RESTARTS = 3  # restart intensity: restarts ...
@@ -67,6 +70,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):  # NaN passes every `<` check; inf overflows Redis TTLs
+        raise ConfigurationError(f"{name}={raw!r} must be a finite number")
     if value < minimum:
         raise ConfigurationError(f"{name}={value} must be at least {minimum}")
     return value
@@ -98,6 +103,7 @@ class Settings:
     max_key_length: int = DEFAULT_MAX_KEY_LENGTH
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S
     cache_max_keys: int = DEFAULT_CACHE_MAX_KEYS
+    cache_sweep_interval_s: float = DEFAULT_CACHE_SWEEP_INTERVAL_S
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     batch_max: int = DEFAULT_BATCH_MAX
     max_restarts: int = DEFAULT_MAX_RESTARTS
@@ -142,6 +148,9 @@ class Settings:
             max_key_length=_int(env, "KEYQ_MAX_KEY_LENGTH", DEFAULT_MAX_KEY_LENGTH),
             cache_ttl_s=_float(env, "KEYQ_CACHE_TTL_S", DEFAULT_CACHE_TTL_S, 1.0),
             cache_max_keys=_int(env, "KEYQ_CACHE_MAX_KEYS", DEFAULT_CACHE_MAX_KEYS),
+            cache_sweep_interval_s=_float(
+                env, "KEYQ_CACHE_SWEEP_INTERVAL_S", DEFAULT_CACHE_SWEEP_INTERVAL_S, 0.1
+            ),
             dedupe_window=_int(env, "KEYQ_DEDUPE_WINDOW", DEFAULT_DEDUPE_WINDOW),
             batch_max=_int(env, "KEYQ_BATCH_MAX", DEFAULT_BATCH_MAX),
             max_restarts=_int(env, "KEYQ_MAX_RESTARTS", DEFAULT_MAX_RESTARTS, minimum=0),
@@ -169,6 +178,11 @@ class Settings:
         if self.partitions > 4096:
             raise ConfigurationError(
                 f"KEYQ_PARTITIONS={self.partitions}: at most 4096 partition queues are supported"
+            )
+        if self.max_key_length > MAX_KEY_LENGTH_LIMIT:
+            raise ConfigurationError(
+                f"KEYQ_MAX_KEY_LENGTH={self.max_key_length}: the Repo stores keys of at most "
+                f"{MAX_KEY_LENGTH_LIMIT} characters"
             )
 
     def with_(self, **changes: object) -> Settings:

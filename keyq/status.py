@@ -65,6 +65,7 @@ def render_status(snap: dict[str, Any]) -> str:
         lines.append(
             f"  {m['node']:<40} heartbeat {m['heartbeat_age_ms']:>5} ms ago  "
             f"partitions {owned:>3}  active keys {snap['active_keys_by_node'].get(m['node'], 0)}"
+            + ("  static" if m.get("static") else "")
         )
     if not snap["members"]:
         lines.append("  (no live members)")

@@ -13,17 +13,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from kombu import compression as kombu_compression
 
 from keyq import metrics
 from keyq.activations import Activation, ActivationTable
 from keyq.applier import Applier, BatchOutcome
 from keyq.cache import StateCache
-from keyq.celery_app import DISPATCH_TASK
+from keyq.celery_app import DISPATCH_TASK, make_app
 from keyq.entity import EntityRegistry
+from keyq.envelope import Envelope
 from keyq.errors import OwnershipError, RepoError, StaleWriteError
 from keyq.ownership import OwnershipHooks, PartitionOwnership
 from keyq.registry import NameRegistry
@@ -32,10 +34,14 @@ from keyq.repo import Repo
 from keyq.scripts import register
 from keyq.settings import Settings
 from keyq.supervisor import RestartIntensity
+from keyq.timers import TimerPoller
 
 log = logging.getLogger(__name__)
 
 FAULT_CRASH_AFTER_COMMIT = "KEYQ_FAULT_CRASH_AFTER_COMMIT"  # tests: die after the Nth commit
+# benchmarks only: RPUSH "<partition> <applied_at> <latency_s>" per applied message to this list
+BENCH_LATENCY_KEY = "KEYQ_BENCH_LATENCY_KEY"
+DRAIN_STEP = 64  # broker messages taken per drain round trip
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivered-but-unacked messages
 KOMBU_UNACKED_INDEX = "unacked_index"
 
@@ -58,6 +64,12 @@ def decode_task_message(raw: bytes | str) -> list[object]:
     body = msg.get("body", "")
     if (msg.get("properties") or {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
+    method = headers.get("compression")
+    if method:  # as kombu does for a consumed message (task_compression)
+        try:
+            body = kombu_compression.decompress(body, method)  # type: ignore[no-untyped-call]
+        except Exception as e:  # zlib.error, KeyError (unknown method), ...
+            raise ValueError(f"cannot decompress ({method}): {e}") from e
     args = json.loads(body)[0]
     envelopes = args[0] if args else []
     return list(envelopes) if isinstance(envelopes, list) else [envelopes]
@@ -74,6 +86,7 @@ class WorkerRuntime(OwnershipHooks):
         static_partitions: tuple[int, ...] | None = None,
         add_queue: Callable[[str], None] = lambda q: None,
         cancel_queue: Callable[[str], None] = lambda q: None,
+        settle: Callable[[], bool] = lambda: False,
         registry: EntityRegistry | None = None,
         repo: Repo | None = None,
     ) -> None:
@@ -92,8 +105,11 @@ class WorkerRuntime(OwnershipHooks):
         self.activations = ActivationTable(settings.max_activations, settings.idle_timeout_s)
         self.intensity = RestartIntensity()
         self.applier = Applier(settings, self.entities, self.repo, self.activations, self.intensity)
+        self.timers = TimerPoller(self.repo, self._publish_fires)
+        self._producer: Any = None  # a Celery app to publish timer fires, made on first use
         self._add_queue = add_queue
         self._cancel_queue = cancel_queue
+        self._settle = settle
         self._drain = register(self.broker, "drain")
         self._restore = register(self.broker, "restore")
         self._compare_delete = register(self.broker, "compare_delete")
@@ -113,6 +129,7 @@ class WorkerRuntime(OwnershipHooks):
         self.totals: dict[str, int] = {"applied": 0, "batches": 0, "duplicates": 0}
         # fault injection for the exactly-once tests: exit hard between commit and ack
         self._crash_after = int(os.environ.get(FAULT_CRASH_AFTER_COMMIT, "0") or 0)
+        self._bench_latency_key = os.environ.get(BENCH_LATENCY_KEY) or None  # off by default
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -125,7 +142,21 @@ class WorkerRuntime(OwnershipHooks):
     # --- ownership hooks (consumer loop) ---------------------------------------------------
 
     def prepare(self, partition: int, token: int) -> None:
-        self.repo.record_fence(partition, token)
+        try:
+            self.repo.record_fence(partition, token)
+        except StaleWriteError:
+            # Redis lost its fence counter (restart without persistence): lift it above the
+            # Repo's token; the ownership tick releases this lease and claims a newer one.
+            repo_fence = self.repo.partition_fence(partition)
+            fence_key = self.ownership.leases.fence_key(partition)
+            current = int(self.redis.get(fence_key) or 0)
+            if current < repo_fence:
+                self.redis.set(fence_key, repo_fence)
+            log.warning(
+                "keyq fence counter behind the Repo partition=%s token=%s repo_fence=%s",
+                partition, token, repo_fence,
+            )
+            raise
         restored = self.restore(partition)
         if restored:
             log.info(
@@ -176,7 +207,21 @@ class WorkerRuntime(OwnershipHooks):
 
     def forget(self, partition: int) -> None:
         gone = self.activations.drop_partition(partition)
+        for act in gone:
+            self._on_passivate(act)
         self._release_names(gone)
+        self.timers.forget(partition)
+
+    def settle(self) -> bool:
+        return self._settle()
+
+    def _lost_here(self, partition: int, queue: str, raw_message: dict[str, Any] | None) -> None:
+        """The partition moved on under this batch: stop consuming it now (not at the next
+        tick) and put the trigger message back at the head, since it may be acked before the
+        new owner's restore looks for it (a copy it did restore is skipped as a duplicate)."""
+        self.ownership.mark_lost(partition)
+        self.stop_consuming(partition)
+        self._return_to_head(queue, raw_message)
 
     # --- the task body ---------------------------------------------------------------------
 
@@ -188,29 +233,20 @@ class WorkerRuntime(OwnershipHooks):
             self._return_to_head(queue, raw_message)
             return
         raws: list[object] = list(envelopes) if isinstance(envelopes, list) else [envelopes]
-        room = self.settings.batch_max - len(raws)
-        drained = 0
-        if room > 0:
-            more = self._drain(
-                keys=[
-                    queue,
-                    self.inflight_key(partition),
-                    self.ownership.leases.lease_key(partition),
-                ],
-                args=[room, self.lease_value(partition, token)],
-            )
-            for item in more or []:
-                drained += 1
-                try:
-                    raws.extend(decode_task_message(item))
-                except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raws.append({"error": f"undecodable broker message: {e}"})
+        drained = self._drain_more(queue, partition, token, raws)
+        if drained < 0:
+            self._lost_here(partition, queue, raw_message)
+            return
+        others = self._drain_others(partition, self.settings.batch_max - len(raws))
+        if others and self._apply_with_others(partition, token, raws, drained, others):
+            return
         started = time.perf_counter()
         try:
             outcome = self.applier.apply(
                 partition, token, raws, keep_trying=lambda: self.ownership.token(partition) == token
             )
         except StaleWriteError as e:
+            self._lost_here(partition, queue, raw_message)
             metrics.stale_writes.inc()
             log.error(
                 "keyq write refused partition=%s token=%s node=%s: %s",
@@ -237,11 +273,132 @@ class WorkerRuntime(OwnershipHooks):
                 os._exit(137)
         self._after_commit(partition, token, outcome, drained)
 
+    def _drain_others(self, partition: int, room: int) -> dict[int, tuple[int, list[object], int]]:
+        """Cross-partition group commit: with room left in the batch, also take what waits in
+        the other partitions this node holds (each into its own in-flight list, lease checked),
+        so a light load spread over many partitions costs one commit, not one per partition.
+        Returns partition -> (token, envelopes, broker messages taken)."""
+        held = [(p, t) for p, t in self.ownership.held().items() if p != partition]
+        if room <= 0 or not held:
+            return {}
+        pipe = self.broker.pipeline(transaction=False)
+        for p, _ in held:
+            pipe.llen(self.settings.queue_name(p))
+        waiting = [(p, t, int(n)) for (p, t), n in zip(held, pipe.execute(), strict=True) if n]
+        taken: dict[int, tuple[int, list[object], int]] = {}
+        for p, t, n in waiting:
+            if room <= 0:
+                break
+            if self.ownership.token(p) != t:
+                continue
+            raws: list[object] = []
+            more = self._drain(
+                keys=[
+                    self.settings.queue_name(p),
+                    self.inflight_key(p),
+                    self.ownership.leases.lease_key(p),
+                ],
+                args=[min(DRAIN_STEP, room, n), self.lease_value(p, t)],
+            )
+            for item in more or []:
+                try:
+                    raws.extend(decode_task_message(item))
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    raws.append({"error": f"undecodable broker message: {e}"})
+            if more:
+                taken[p] = (t, raws, len(more))
+                room -= len(raws)
+        return taken
+
+    def _apply_with_others(
+        self,
+        partition: int,
+        token: int,
+        raws: list[object],
+        drained: int,
+        others: dict[int, tuple[int, list[object], int]],
+    ) -> bool:
+        """Apply this partition's batch with the others' in one commit. On a refused or failed
+        commit, put the others' messages back at their queue heads and return False: the
+        caller then applies this partition alone, on the usual path."""
+        batches = [(partition, token, raws)] + [(p, t, r) for p, (t, r, _) in others.items()]
+        started = time.perf_counter()
+        try:
+            outcome = self.applier.apply_group(
+                batches,
+                keep_trying=lambda: all(self.ownership.token(p) == t for p, t, _ in batches),
+            )
+        except (StaleWriteError, RepoError) as e:
+            log.warning(
+                "keyq cross-partition commit failed, applying partition %s alone node=%s: %s",
+                partition,
+                self.node_id,
+                e,
+            )
+            for p, (t, _, _) in others.items():
+                if self.ownership.token(p) == t:  # a lost partition's new owner restores it
+                    self._restore(
+                        keys=[
+                            self.settings.queue_name(p),
+                            KOMBU_UNACKED,
+                            KOMBU_UNACKED_INDEX,
+                            self.inflight_key(p),
+                        ],
+                        args=[0, *self.broker.lrange(self.inflight_key(p), 0, -1)],
+                    )
+            return False
+        metrics.commit_seconds.observe(time.perf_counter() - started)
+        if self._crash_after and outcome.applied:
+            self._crash_after -= 1
+            if self._crash_after == 0:
+                log.error("keyq fault injection: exiting after commit, before ack")
+                os._exit(137)
+        self._after_commit(partition, token, outcome, drained)
+        for p, (t, _, _) in others.items():
+            try:
+                self._compare_delete(
+                    keys=[self.ownership.leases.lease_key(p), self.inflight_key(p)],
+                    args=[self.lease_value(p, t)],
+                )
+            except redis.RedisError as e:
+                log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
+        return True
+
+    def _drain_more(self, queue: str, partition: int, token: int, raws: list[object]) -> int:
+        """Take more messages of the partition until the batch holds batch_max envelopes.
+
+        Broker messages may carry many envelopes (send_many), so drain in small steps and stop
+        as soon as the batch is full or the queue is empty. Returns the broker messages taken,
+        or -1 when the lease turned out not to be ours.
+        """
+        drained = 0
+        keys = [queue, self.inflight_key(partition), self.ownership.leases.lease_key(partition)]
+        while len(raws) < self.settings.batch_max:
+            step = min(DRAIN_STEP, self.settings.batch_max - len(raws))
+            more = self._drain(keys=keys, args=[step, self.lease_value(partition, token)])
+            if more is None:
+                return -1  # the lease is not ours any more (what we took, its owner restores)
+            for item in more:
+                drained += 1
+                try:
+                    raws.extend(decode_task_message(item))
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    raws.append({"error": f"undecodable broker message: {e}"})
+            if not more or len(more) < step:
+                break
+        return drained
+
     def _after_commit(
         self, partition: int, token: int, outcome: BatchOutcome, drained: int
     ) -> None:
+        committed_at = time.time()
         try:
             pipe = self.redis.pipeline(transaction=False)
+            if self._bench_latency_key and outcome.sent:
+                pipe.rpush(
+                    self._bench_latency_key,
+                    *(f"{p} {committed_at:.6f} {committed_at - s:.6f}" for p, s in outcome.sent),
+                )
             self.cache.put_many(outcome.cache_entries, pipe=pipe)
             for message_id, encoded in outcome.replies:
                 reply_key = self.settings.redis_key("reply", message_id)
@@ -256,7 +413,9 @@ class WorkerRuntime(OwnershipHooks):
             for act in renew:
                 act.name_renewed_at = now
             self.names.register_many(pipe, [a.id for a in renew], self.node_id)
-            self.names.release_many(pipe, [a.id for a in outcome.evicted], self.node_id)
+            # a key evicted and activated again within this batch keeps its name
+            gone = [a.id for a in outcome.evicted if a.id not in self.activations]
+            self.names.release_many(pipe, gone, self.node_id)
             pipe.execute()
         except redis.RedisError as e:
             # the state is committed; the reconciler repairs the cache, callers time out
@@ -310,14 +469,41 @@ class WorkerRuntime(OwnershipHooks):
     # --- housekeeping (consumer loop) ------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Passivate idle activations and publish gauges."""
+        """Passivate idle activations, publish due timers of held partitions, set gauges."""
         idle = self.activations.idle()
+        kept = [a for a in idle if a.entity_type.instance.always_on]
+        if kept:  # always-on keys stay activated and named; only the activation cap evicts them
+            idle = [a for a in idle if not a.entity_type.instance.always_on]
+            for act in kept:
+                self.activations.put(act)
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                self.names.register_many(pipe, [a.id for a in kept], self.node_id)
+                pipe.execute()
+            except redis.RedisError as e:
+                log.error("keyq could not renew %d always-on name(s): %s", len(kept), e)
         if idle:
             for act in idle:
                 self._on_passivate(act)
             self._release_names(idle)
             metrics.passivations.labels("idle").inc(len(idle))
         metrics.activations.set(len(self.activations))
+        held = self.ownership.held()
+        if held:
+            try:
+                self.timers.tick(held)
+            except Exception as e:  # the next tick tries again; nothing was marked published
+                log.error("keyq timer poll failed node=%s error=%s", self.node_id, e)
+
+    def _publish_fires(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish timer fires of one partition at its queue's tail, as one broker message."""
+        if self._producer is None:
+            self._producer = make_app(self.settings, name="keyq-timers")
+        self._producer.send_task(
+            DISPATCH_TASK,
+            args=[[e.to_wire() for e in envelopes]],
+            queue=self.settings.queue_name(envelopes[0].partition),
+        )
 
     def _on_passivate(self, act: Activation) -> None:
         try:
@@ -338,5 +524,7 @@ class WorkerRuntime(OwnershipHooks):
             log.error("keyq could not release %d name(s): %s", len(acts), e)
 
     def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
         self.repo.dispose()
         self.redis.close()

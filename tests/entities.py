@@ -57,3 +57,37 @@ class Flaky(Entity):
     @handler
     def bad_state(self, state: dict[str, Any], payload: Any) -> tuple[Any, int]:
         return {"not json": {1, 2}}, 0
+
+
+class Slow(Entity):
+    """Records [payload, pid] like the witness; a payload {"mark": path, "seconds": s} makes the
+    first process that applies it write the mark file and then sleep inside the handler, before
+    its commit, so a test can stop (SIGSTOP) or kill it there: a deterministic pending write."""
+
+    name = "slow"
+    initial_state: dict[str, Any] = {"log": []}
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        if isinstance(payload, dict) and payload.get("mark"):
+            import pathlib
+            import time
+
+            mark = pathlib.Path(str(payload["mark"]))
+            if not mark.exists():
+                mark.write_text(str(os.getpid()))
+                time.sleep(float(payload.get("seconds", 1.0)))
+        log = [*state["log"], [payload, os.getpid()]]
+        return {"log": log}, len(log)
+
+
+class Beacon(Entity):
+    """Always on: the reconciler keeps each of its keys activated somewhere (a device twin)."""
+
+    name = "beacon"
+    initial_state: dict[str, Any] = {"pings": 0}
+    always_on = True
+
+    @handler
+    def ping(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        return {"pings": state["pings"] + 1}, state["pings"] + 1

@@ -1,0 +1,162 @@
+"""Output of a benchmark run: the result document, a printed table and a PNG plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# (json key, label, unit, target text) in the order the table prints them
+ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("celery_msgs_per_s", "plain Celery no-op tasks", "msg/s", ""),
+    ("keyq_msgs_per_s", "keyq durable keyed messages (send)", "msg/s", ""),
+    ("ratio", "  ratio keyq / Celery", "x", ">= 1.0"),
+    ("send_many_msgs_per_s", "keyq durable keyed messages (send_many)", "msg/s", ""),
+    ("send_many_ratio", "  ratio send_many / Celery", "x", ">= 5.0"),
+    ("dispatch_rate_target_msgs_per_s", "paced sends at half of peak, target", "msg/s", ""),
+    ("dispatch_rate_msgs_per_s", "  achieved by the senders", "msg/s", ""),
+    ("dispatch_p50_ms", "  dispatch p50 (send to applied)", "ms", ""),
+    ("dispatch_p95_ms", "  dispatch p95", "ms", "< 5"),
+    ("dispatch_p99_ms", "  dispatch p99", "ms", ""),
+    ("call_p50_ms", "keyq call p50", "ms", ""),
+    ("call_p95_ms", "keyq call p95", "ms", "<= 1.5 x Celery"),
+    ("celery_call_p50_ms", "Celery apply_async().get() p50", "ms", ""),
+    ("celery_call_p95_ms", "Celery apply_async().get() p95", "ms", ""),
+    ("call_ratio_p95", "  ratio call p95 keyq / Celery", "x", "<= 1.5"),
+    ("pg_commit_p50_ms", "PostgreSQL 1-row commit p50 (fsync floor)", "ms", ""),
+    ("pg_commit_p95_ms", "PostgreSQL 1-row commit p95", "ms", ""),
+    ("cache_hit_ratio", "cache hit ratio, Zipf(1.1) reads", "", ">= 0.99"),
+    ("takeover_ms", "takeover after kill -9", "ms", "< 1000"),
+    ("rss_mb_10k", "worker RSS after 10k keys", "MB", ""),
+    ("rss_mb_100k", "worker RSS after 100k keys", "MB", ""),
+    ("rss_mb_1m", "worker RSS after 1M keys", "MB", "flat"),
+)
+
+
+def targets(doc: dict[str, Any]) -> dict[str, bool | None]:
+    """Each target of issue 6: met, missed, or None when not measured."""
+
+    def check(value: Any, ok: Any) -> bool | None:
+        return None if value is None else bool(ok(value))
+
+    rss = [doc.get("rss_mb_10k"), doc.get("rss_mb_1m")]
+    return {
+        "ratio >= 1.0": check(doc.get("ratio"), lambda v: v >= 1.0),
+        "send_many_ratio >= 5.0": check(doc.get("send_many_ratio"), lambda v: v >= 5.0),
+        "dispatch_p95_ms < 5": check(doc.get("dispatch_p95_ms"), lambda v: v < 5.0),
+        "call p95 <= 1.5 x Celery": check(doc.get("call_ratio_p95"), lambda v: v <= 1.5),
+        "cache_hit_ratio >= 0.99": check(doc.get("cache_hit_ratio"), lambda v: v >= 0.99),
+        "takeover_ms < 1000": check(doc.get("takeover_ms"), lambda v: v < 1000),
+        "rss flat 10k -> 1M (< +25%)": None if None in rss else bool(rss[1] <= rss[0] * 1.25),  # type: ignore[operator]
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = [f"{'measure':44} {'value':>12} {'unit':6} target"]
+    lines.append("-" * 76)
+    for key, label, unit, target in ROWS:
+        lines.append(f"{label:44} {_fmt(doc.get(key)):>12} {unit:6} {target}")
+    sweep = doc.get("dispatch_sweep") or []
+    if sweep:
+        lines.append("-" * 76)
+        lines.append("dispatch latency by paced rate (msg/s achieved: p50 / p95 / p99 ms)")
+        for point in sweep:
+            ms = point["summary_ms"]
+            lines.append(
+                f"  {_fmt(point['rate_achieved']):>8}: {_fmt(ms['p50'])} / {_fmt(ms['p95'])} / "
+                f"{_fmt(ms['p99'])}"
+            )
+    m = doc.get("machine", {})
+    v = doc.get("versions", {})
+    lines.append("-" * 76)
+    lines.append(
+        f"machine: {m.get('cores')} cores, {m.get('cpu_model')}, {m.get('memory_gb')} GB; "
+        f"workers: {doc.get('config', {}).get('workers')} processes"
+    )
+    lines.append(
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if isinstance(val, str))
+    )
+    met = doc.get("targets", {})
+    missed = [k for k, ok in met.items() if ok is False]
+    lines.append("targets missed: " + (", ".join(missed) if missed else "none"))
+    return "\n".join(lines)
+
+
+def plot(
+    path: str,
+    doc: dict[str, Any],
+    dispatch_s: Sequence[float],
+    keyq_call_s: Sequence[float],
+    celery_call_s: Sequence[float],
+) -> None:
+    """Latency distributions (dispatch, call vs Celery) and throughput bars, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_tp, ax_rate) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for label, data in (
+        (f"keyq dispatch at {_fmt(doc.get('dispatch_rate_msgs_per_s'))} msg/s", dispatch_s),
+        ("keyq call round trip", keyq_call_s),
+        ("Celery apply_async().get()", celery_call_s),
+    ):
+        if data:
+            ms = sorted(x * 1000 for x in data)
+            ax_lat.plot(ms, [(i + 1) / len(ms) for i in range(len(ms))], label=label)
+    ax_lat.set_xscale("log")
+    ax_lat.set_xlabel("latency (ms, log scale)")
+    ax_lat.set_ylabel("fraction of messages")
+    ax_lat.set_title("Latency distribution (CDF)")
+    ax_lat.grid(True, which="both", alpha=0.3)
+    ax_lat.legend(fontsize=8)
+    names = ["plain Celery\nno-op", "keyq send\n(durable)", "keyq send_many\n(durable)"]
+    values = [
+        doc.get("celery_msgs_per_s") or 0.0,
+        doc.get("keyq_msgs_per_s") or 0.0,
+        doc.get("send_many_msgs_per_s") or 0.0,
+    ]
+    bars = ax_tp.bar(names, values, color=["#888888", "#2a7ab9", "#1b4f72"])
+    for bar, value in zip(bars, values, strict=True):
+        ax_tp.annotate(
+            f"{value:,.0f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    workers = doc.get("config", {}).get("workers")
+    ax_tp.set_ylabel("messages per second")
+    ax_tp.set_title(f"Throughput, {workers} worker processes, same Redis broker")
+    points = sorted(
+        [*(doc.get("dispatch_sweep") or []), doc.get("dispatch") or {}],
+        key=lambda p: p.get("rate_achieved") or 0.0,
+    )
+    points = [p for p in points if p.get("rate_achieved")]
+    for q in ("p50", "p95", "p99"):
+        ax_rate.plot(
+            [p["rate_achieved"] for p in points],
+            [p["summary_ms"][q] for p in points],
+            marker="o",
+            label=q,
+        )
+    ax_rate.axhline(5.0, color="grey", linestyle="--", linewidth=1, label="5 ms")
+    ax_rate.set_xscale("log")
+    ax_rate.set_yscale("log")
+    ax_rate.set_xlabel("paced send rate (msg/s, log)")
+    ax_rate.set_ylabel("send to applied (ms, log)")
+    ax_rate.set_title("keyq dispatch latency by load")
+    ax_rate.grid(True, which="both", alpha=0.3)
+    ax_rate.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

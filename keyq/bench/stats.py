@@ -1,0 +1,69 @@
+"""Pure helpers of the benchmark: percentiles, a bounded Zipf sampler, medians of runs."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import random
+import statistics
+from collections.abc import Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def latency_summary_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max in milliseconds of latencies given in seconds."""
+    ms = [s * 1000.0 for s in samples_s]
+    return {
+        "p50": percentile(ms, 50),
+        "p95": percentile(ms, 95),
+        "p99": percentile(ms, 99),
+        "max": max(ms) if ms else None,
+        "count": float(len(ms)),
+    }
+
+
+class ZipfSampler:
+    """Draws ranks 0..n-1 with P(rank k) proportional to 1/(k+1)**s (a bounded Zipf law)."""
+
+    def __init__(self, n: int, s: float, rng: random.Random | None = None) -> None:
+        if n < 1:
+            raise ValueError("a Zipf sampler needs at least one rank")
+        if s <= 0:
+            raise ValueError("the Zipf exponent must be positive")
+        self.n = n
+        self.s = s
+        self._rng = rng or random.Random(0)
+        weights = [1.0 / (k + 1) ** s for k in range(n)]
+        self._cumulative = list(itertools.accumulate(weights))
+
+    def draw(self) -> int:
+        x = self._rng.random() * self._cumulative[-1]
+        return min(bisect.bisect_right(self._cumulative, x), self.n - 1)
+
+    def draws(self, count: int) -> list[int]:
+        return [self.draw() for _ in range(count)]
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of the values that were measured (None if none were)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator

@@ -1,0 +1,178 @@
+"""Timers: a key's messages to itself after a delay, stored in the Repo beside its state.
+
+A handler schedules a timer through ``keyq.context.current().schedule(...)``; the row is
+committed with the state that asked for it. The worker that owns the key's partition polls its
+partitions' due timers in bounded batches (``TimerPoller``, from its housekeeping tick) and
+publishes each as an ordinary envelope on the key's partition, with a message id made of the
+timer id and the due time, so a re-publish is skipped by the per-key dedupe. Applying the fire
+checks that the row is still the one that was published, runs the handler, and deletes or
+reschedules the row in the batch's commit (``decide`` applies the catch-up policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from keyq.envelope import Envelope, TimerRef
+from keyq.repo import Repo, TimerChange, TimerDelete, TimerRow
+
+log = logging.getLogger(__name__)
+
+FIRES_PER_TICK = 200  # at most this many fires published per housekeeping tick (no bursts)
+MAX_IN_FLIGHT = 2000  # fires published but not yet applied; past this, wait (backpressure)
+REPUBLISH_AFTER_S = 30.0  # a fire still due this long after its publish is published again
+
+
+def fire_message_id(timer_id: str, due_ms: int) -> str:
+    """The deterministic id of a timer's fire: the same fire always has the same id."""
+    return f"timer-{timer_id}-{due_ms}"
+
+
+def fire_envelope(row: TimerRow, now: float) -> Envelope:
+    return Envelope(
+        id=fire_message_id(row.timer_id, row.due_ms),
+        entity=row.entity,
+        key=row.key,
+        op=row.op,
+        payload=row.payload,
+        partition=row.partition,
+        reply=False,
+        sent_at=now,
+        timer=TimerRef(row.name, row.timer_id, row.due_ms),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FireDecision:
+    """What applying a due timer does: run the handler or not, and when it fires next."""
+
+    run: bool
+    missed: int  # whole periods missed before this fire
+    next_due_ms: int | None  # None: the timer is done (one-shot), delete its row
+
+
+def decide(row: TimerRow, now_ms: int) -> FireDecision:
+    """Apply the catch-up policy of a timer that is due (pure; see context.schedule)."""
+    if row.every_ms is None:
+        return FireDecision(True, 0, None)
+    every = row.every_ms
+    missed = max(0, now_ms - row.due_ms) // every  # periods that passed after this one was due
+    if row.catch_up == "each":
+        return FireDecision(True, missed, row.due_ms + every)
+    next_due = row.due_ms + (missed + 1) * every  # the first period still in the future
+    if row.catch_up == "skip" and missed > 0:
+        return FireDecision(False, missed, next_due)
+    return FireDecision(True, missed, next_due)  # coalesce, or skip when on time
+
+
+class KeyTimers:
+    """One key's timers during a batch: the Repo's rows overlaid with this batch's changes."""
+
+    def __init__(self, entity: str, key: str, loaded: dict[str, TimerRow] | None) -> None:
+        self.entity = entity
+        self.key = key
+        self._loaded = loaded or {}
+        self._changes: dict[str, TimerChange] = {}
+
+    def get(self, name: str) -> TimerRow | None:
+        change = self._changes.get(name)
+        if change is not None:
+            return change if isinstance(change, TimerRow) else None
+        return self._loaded.get(name)
+
+    def matches(self, ref: TimerRef) -> TimerRow | None:
+        """The row a fire was published for, if it is still pending unchanged."""
+        row = self.get(ref.name)
+        if row is None or row.timer_id != ref.timer_id or row.due_ms != ref.due_ms:
+            return None
+        return row
+
+    def consume(self, row: TimerRow, decision: FireDecision) -> None:
+        """The fire happened (or was skipped): reschedule a periodic timer, else delete it."""
+        if decision.next_due_ms is None:
+            self._changes[row.name] = TimerDelete(row.entity, row.key, row.name)
+        else:
+            self._changes[row.name] = TimerRow(
+                entity=row.entity,
+                key=row.key,
+                name=row.name,
+                timer_id=row.timer_id,
+                partition=row.partition,
+                due_ms=decision.next_due_ms,
+                op=row.op,
+                payload=row.payload,
+                every_ms=row.every_ms,
+                catch_up=row.catch_up,
+            )
+
+    def apply(self, changes: Iterable[TimerChange]) -> None:
+        """What a handler asked for (schedule or cancel), in order; the last one per name wins."""
+        for change in changes:
+            self._changes[change.name] = change
+
+    def changes(self) -> list[TimerChange]:
+        return list(self._changes.values())
+
+
+class TimerPoller:
+    """Publishes the due timers of the partitions a worker holds, a bounded batch per tick."""
+
+    def __init__(
+        self,
+        repo: Repo,
+        publish: Callable[[Sequence[Envelope]], None],
+        *,
+        fires_per_tick: int = FIRES_PER_TICK,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        republish_after_s: float = REPUBLISH_AFTER_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.repo = repo
+        self.publish = publish
+        self.fires_per_tick = fires_per_tick
+        self.max_in_flight = max_in_flight
+        self.republish_after_s = republish_after_s
+        self._clock = clock
+        self._published: dict[str, tuple[int, float]] = {}  # fire id -> (partition, published)
+
+    def in_flight(self) -> int:
+        return len(self._published)
+
+    def forget(self, partition: int) -> None:
+        """The partition moved away: its new owner publishes what is still due."""
+        self._published = {k: v for k, v in self._published.items() if v[0] != partition}
+
+    def tick(self, partitions: Iterable[int]) -> int:
+        """Publish up to fires_per_tick due fires (one broker message per partition)."""
+        parts = set(partitions)
+        now = self._clock()
+        self._published = {k: v for k, v in self._published.items() if v[0] in parts}
+        room = min(self.fires_per_tick, self.max_in_flight - len(self._published))
+        if not parts or room <= 0:
+            return 0
+        limit = room + len(self._published)
+        rows = self.repo.due_timers(parts, int(now * 1000), limit)
+        due_ids = {fire_message_id(r.timer_id, r.due_ms) for r in rows}
+        if len(rows) < limit:  # not truncated: what is no longer due has been applied
+            self._published = {k: v for k, v in self._published.items() if k in due_ids}
+        by_partition: dict[int, list[Envelope]] = {}
+        sent = 0
+        for row in rows:
+            if sent >= room:
+                break
+            fire_id = fire_message_id(row.timer_id, row.due_ms)
+            previous = self._published.get(fire_id)
+            if previous is not None and now - previous[1] < self.republish_after_s:
+                continue
+            by_partition.setdefault(row.partition, []).append(fire_envelope(row, now))
+            sent += 1
+        for partition, envelopes in by_partition.items():
+            self.publish(envelopes)  # a broker error propagates: nothing is marked published
+            for env in envelopes:
+                self._published[env.id] = (partition, now)
+        if sent:
+            log.info("keyq timers published fires=%d in_flight=%d", sent, len(self._published))
+        return sent

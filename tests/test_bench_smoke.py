@@ -1,0 +1,114 @@
+"""scripts/bench runs end to end on real servers and reports every figure it promises.
+
+The smoke mode is tiny (seconds); no figure is asserted, only that the run completes, that
+every add it sent was applied exactly once, that the JSON carries every key and that the run
+leaves neither its PostgreSQL database nor its Redis keys behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from keyq.repo import normalize_url
+from tests.conftest import PG_ADMIN_URL, ROOT
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_KEYS = (
+    "keyq_msgs_per_s",
+    "celery_msgs_per_s",
+    "ratio",
+    "send_many_msgs_per_s",
+    "send_many_ratio",
+    "dispatch_p50_ms",
+    "dispatch_p95_ms",
+    "dispatch_p99_ms",
+    "call_p95_ms",
+    "celery_call_p95_ms",
+    "cache_hit_ratio",
+    "takeover_ms",
+    "rss_mb_10k",
+    "rss_mb_100k",
+    "rss_mb_1m",
+    "versions",
+    "machine",
+)
+VERSION_KEYS = (
+    "python",
+    "celery",
+    "kombu",
+    "redis_py",
+    "sqlalchemy",
+    "redis_server",
+    "postgres_server",
+)
+MEASURED_IN_SMOKE = (
+    "keyq_msgs_per_s",
+    "celery_msgs_per_s",
+    "ratio",
+    "send_many_msgs_per_s",
+    "dispatch_p95_ms",
+    "call_p95_ms",
+    "celery_call_p95_ms",
+    "cache_hit_ratio",
+    "takeover_ms",
+)
+
+
+def test_bench_smoke_run_reports_every_figure_and_cleans_up(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench"),
+            "--smoke",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--redis-url",
+            redis_url,
+            "--pg-admin-url",
+            PG_ADMIN_URL,
+        ],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    assert not missing, f"keys missing from the JSON: {missing}"
+    assert all(doc["versions"].get(k) for k in VERSION_KEYS), doc["versions"]
+    assert doc["machine"]["cores"] and doc["machine"]["cpu_model"]
+    unmeasured = [k for k in MEASURED_IN_SMOKE if not isinstance(doc[k], int | float)]
+    assert not unmeasured, f"figures the smoke run should have measured: {unmeasured}"
+    assert doc["rss_mb_1m"] is None  # only the full run measures memory
+    assert doc["exactly_once_verified"] is True
+    assert doc["takeover"]["all_applied"] is True
+    assert png.stat().st_size > 1000
+    assert "plain Celery no-op tasks" in proc.stdout
+
+    leftover = list(redis_client.scan_iter(match=f"*{doc['namespace']}*"))
+    assert leftover == []
+    engine = sa.create_engine(normalize_url(PG_ADMIN_URL))
+    try:
+        with engine.connect() as conn:
+            exists = conn.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                {"name": doc["database"]},
+            ).first()
+    finally:
+        engine.dispose()
+    assert exists is None

@@ -1,0 +1,198 @@
+"""Supervisor: activation on demand, restart from the Repo under restart intensity."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyq.client import Client
+from keyq.entity import RestartPolicy
+from keyq.errors import HandlerCrashedError
+from keyq.repo import Repo, StateWrite
+from keyq.routing import partition_for
+from keyq.settings import Settings
+from keyq.supervisor import RestartIntensity, backoff_delay
+from tests.conftest import WorkerFactory, WorkerProcess, poll
+from tests.supervised_entities import LIFECYCLE_LOG
+
+pytestmark = pytest.mark.integration
+
+ENTITY_MODULES = ("keyq.examples", "tests.entities", "tests.supervised_entities")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """One sample of a worker's Prometheus metrics (0 when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)"
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture
+def sup_settings(settings: Settings) -> Settings:
+    return settings.with_(entity_modules=ENTITY_MODULES)
+
+
+@pytest.fixture
+def sup_client(sup_settings: Settings) -> Iterator[Client]:
+    c = Client(sup_settings)
+    yield c
+    c.close()
+
+
+def start(
+    start_worker: WorkerFactory, s: Settings, tmp_path: Path, port: int | None = None
+) -> WorkerProcess:
+    env = {LIFECYCLE_LOG: str(tmp_path / "lifecycle.log")}
+    if port:
+        env["KEYQ_METRICS_PORT"] = str(port)
+    return start_worker(settings_override=s, env=env)
+
+
+def test_first_message_activates_key_from_repo_runs_on_activate_and_registers_name(
+    start_worker: WorkerFactory,
+    sup_settings: Settings,
+    sup_client: Client,
+    repo: Repo,
+    redis_client: object,
+    tmp_path: Path,
+) -> None:
+    # given a key whose state is already in the Repo (and nothing in the cache)
+    seeded = {"activations": 0, "note": "from the repo"}
+    part = partition_for("k1", sup_settings.partitions)
+    repo.commit(part, 0, [StateWrite("lifecycle", "k1", seeded, 5, ["old-id"])])
+    port = free_port()
+    worker = start(start_worker, sup_settings, tmp_path, port)
+
+    # when its first message arrives, it is loaded from the Repo and on_activate runs once
+    first = sup_client.call("lifecycle", "k1", "touch")
+    assert first["note"] == "from the repo" and first["activations"] == 1
+    assert sup_client.call("lifecycle", "k1", "touch")["activations"] == 1  # still active
+    stored = repo.load_one("lifecycle", "k1")
+    assert stored is not None and stored.version == 7 and stored.recent_ids[0] == "old-id"
+
+    # a key unknown to the Repo starts from the entity's initial state
+    assert sup_client.call("lifecycle", "k2", "touch") == {"activations": 1, "key": "k2"}
+
+    # its name is registered to this worker, and each activation counted one spawn
+    node = worker.node_id(sup_client.redis, sup_settings)  # type: ignore[arg-type]
+    assert sup_client.resolve("lifecycle", "k1").node == node
+    assert sup_client.resolve("lifecycle", "k2").node == node
+    poll(
+        lambda: metric(port, "keyq_spawns_total", entity="lifecycle") == 2.0,
+        what="keyq_spawns_total == 2.0",
+    )
+    log = (tmp_path / "lifecycle.log").read_text().splitlines()
+    assert len([line for line in log if line.startswith("activate")]) == 2
+
+
+def test_crashed_handler_restarts_from_repo_state_and_keeps_key_order(
+    start_worker: WorkerFactory, sup_settings: Settings, sup_client: Client, tmp_path: Path
+) -> None:
+    port = free_port()
+    start(start_worker, sup_settings, tmp_path, port)
+    # given three messages for one key where the second fails twice before it succeeds
+    sup_client.send_many(
+        "transient",
+        [
+            ("t1", "see", {"value": 1}),
+            ("t1", "see", {"value": 2, "fail": 2}),
+            ("t1", "see", {"value": 3}),
+        ],
+    )
+    # then each is applied once, in order, without the state the crashed runs mutated
+    poll(
+        lambda: (sup_client.read("transient", "t1") or {}).get("seen") == [1, 2, 3],
+        what="seen == [1, 2, 3]",
+    )
+    poll(
+        lambda: metric(port, "keyq_restarts_total", entity="transient") == 2.0,
+        what="keyq_restarts_total == 2.0",
+    )
+    assert metric(port, "keyq_restarts_total", entity="flaky") == 0.0
+
+    # a handler that corrupts the state and then raises leaves no trace of the corruption
+    sup_client.call("flaky", "f1", "inc")
+    with pytest.raises(HandlerCrashedError):
+        sup_client.call("flaky", "f1", "mutate_then_boom")
+    assert sup_client.call("flaky", "f1", "inc") == 2
+    assert sup_client.read("flaky", "f1") == {"n": 2, "junk": []}
+
+
+def test_handler_past_restart_intensity_is_dead_lettered_and_caller_gets_typed_error(
+    start_worker: WorkerFactory,
+    sup_settings: Settings,
+    sup_client: Client,
+    repo: Repo,
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    start(start_worker, sup_settings, tmp_path, port)
+    with pytest.raises(HandlerCrashedError, match="ValueError: boom x") as info:
+        sup_client.call("flaky", "f2", "boom", "x")
+    assert info.value.exc_type == "ValueError" and info.value.key == "f2"
+    [dead] = repo.dead_letters(entity="flaky", key="f2")
+    assert dead.reason == "crashed" and dead.error_type == "ValueError"
+    assert dead.error_message == "boom x" and "raise ValueError" in dead.traceback
+    assert dead.attempts == 3  # the first try and the 2 restarts Flaky allows
+    assert dead.message_id == info.value.message_id
+    poll(
+        lambda: metric(port, "keyq_restarts_total", entity="flaky") == 2.0,
+        what="keyq_restarts_total == 2.0",
+    )
+    # the key's next messages go on
+    assert sup_client.call("flaky", "f2", "inc") == 1
+
+
+def test_always_failing_handler_does_not_stall_its_partition(
+    start_worker: WorkerFactory,
+    sup_settings: Settings,
+    sup_client: Client,
+    repo: Repo,
+    tmp_path: Path,
+) -> None:
+    start(start_worker, sup_settings, tmp_path)
+    part = partition_for("bad", sup_settings.partitions)
+    neighbour = next(
+        f"n{i}" for i in range(1000) if partition_for(f"n{i}", sup_settings.partitions) == part
+    )
+    # given a key whose every message crashes, interleaved with a healthy key of its partition
+    for i in range(15):
+        sup_client.send("flaky", "bad", "boom", i)
+        sup_client.send("counter", neighbour, "add", {"by": 1})
+    # then the healthy key gets all its messages and every bad message is dead-lettered once
+    poll(lambda: (sup_client.read("counter", neighbour) or {}).get("value") == 15, what="15 adds")
+    poll(lambda: len(repo.dead_letters(entity="flaky", key="bad")) == 15, what="15 dead letters")
+    dead = repo.dead_letters(entity="flaky", key="bad")
+    assert [d.envelope["payload"] for d in dead] == list(range(15))  # in the key's order
+    # the restart intensity bounded the retries: most went straight to the dead-letter table
+    assert [d.attempts for d in dead].count(1) >= 10
+
+
+def test_restart_intensity_allows_max_restarts_per_window_per_entity_type() -> None:
+    now = [100.0]
+    intensity = RestartIntensity(clock=lambda: now[0])
+    policy = RestartPolicy(max_restarts=2, within_seconds=5.0)
+    assert intensity.allow("a", policy) and intensity.allow("a", policy)
+    assert not intensity.allow("a", policy)  # a third restart within 5 s is refused
+    assert intensity.allow("b", policy)  # another entity type has its own budget
+    now[0] += 5.1
+    assert intensity.allow("a", policy)  # the window slid past the old restarts
+    assert intensity.total == {"a": 3, "b": 1}
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    delays = [backoff_delay(n) for n in range(1, 12)]
+    assert delays == sorted(delays) and delays[0] > 0 and max(delays) <= 0.5

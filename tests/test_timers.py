@@ -1,0 +1,291 @@
+"""Timers: a key's messages to itself, stored with its state, fired by its partition's owner."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from keyq.activations import ActivationTable
+from keyq.applier import Applier
+from keyq.client import Client
+from keyq.context import NoHandlerContextError, current
+from keyq.entity import EntityRegistry
+from keyq.envelope import Envelope, TimerRef
+from keyq.errors import HandlerCrashedError, ValidationError
+from keyq.repo import Repo, StateWrite, TimerRow
+from keyq.routing import partition_for
+from keyq.settings import Settings
+from keyq.timers import FireDecision, TimerPoller, decide, fire_message_id
+from tests.conftest import WorkerFactory, poll
+from tests.test_supervisor import ENTITY_MODULES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sup_settings(settings: Settings) -> Settings:
+    return settings.with_(entity_modules=ENTITY_MODULES)
+
+
+@pytest.fixture
+def sup_client(sup_settings: Settings) -> Iterator[Client]:
+    c = Client(sup_settings)
+    yield c
+    c.close()
+
+
+def timers_of(repo: Repo, entity: str, key: str) -> dict[str, TimerRow]:
+    return repo.load_timers([(entity, key)]).get((entity, key), {})
+
+
+def state(client: Client, entity: str, key: str) -> dict[str, Any]:
+    return client.read(entity, key) or {}
+
+
+# --- with real workers -------------------------------------------------------------------
+
+
+def test_device_goes_offline_when_its_heartbeats_stop(
+    start_worker: WorkerFactory, client: Client, repo: Repo
+) -> None:
+    start_worker()
+    assert client.call("device", "d1", "heartbeat", {"offline_after_s": 0.3}) == "online"
+    [row] = timers_of(repo, "device", "d1").values()  # committed with the state
+    assert row.op == "went_offline" and row.name == "liveness"
+    poll(lambda: state(client, "device", "d1").get("status") == "offline", what="offline")
+    assert timers_of(repo, "device", "d1") == {}  # the fire deleted it in its commit
+    assert state(client, "device", "d1")["beats"] == 1
+
+
+def test_scheduling_a_name_again_replaces_its_timer_and_cancel_deletes_it(
+    start_worker: WorkerFactory, sup_client: Client, sup_settings: Settings, repo: Repo
+) -> None:
+    start_worker(settings_override=sup_settings)
+    sup_client.call("ticker", "r1", "once", {"delay_s": 3600})
+    first = timers_of(repo, "ticker", "r1")["t"]
+    sup_client.call("ticker", "r1", "once", {"delay_s": 7200})
+    second = timers_of(repo, "ticker", "r1")
+    assert list(second) == ["t"] and second["t"].timer_id != first.timer_id
+    assert second["t"].due_ms > first.due_ms
+    sup_client.call("ticker", "r1", "stop")
+    assert timers_of(repo, "ticker", "r1") == {}
+
+
+def test_a_handler_that_crashes_leaves_no_timer_behind(
+    start_worker: WorkerFactory, sup_client: Client, sup_settings: Settings, repo: Repo
+) -> None:
+    start_worker(settings_override=sup_settings)
+    with pytest.raises(HandlerCrashedError):
+        sup_client.call("ticker", "c1", "schedule_then_crash")
+    assert timers_of(repo, "ticker", "c1") == {}
+
+
+def test_periodic_timer_fires_repeatedly_until_cancelled(
+    start_worker: WorkerFactory, sup_client: Client, sup_settings: Settings, repo: Repo
+) -> None:
+    start_worker(settings_override=sup_settings)
+    sup_client.call("ticker", "p1", "every", {"every_s": 0.2})
+    poll(lambda: state(sup_client, "ticker", "p1").get("ticks", 0) >= 3, what="3 ticks")
+    fired = state(sup_client, "ticker", "p1")["fired"]
+    assert len(set(fired)) == len(fired)  # each fire has its own (deterministic) id
+    sup_client.call("ticker", "p1", "stop")
+    assert timers_of(repo, "ticker", "p1") == {}
+
+
+def test_timer_survives_a_worker_crash_and_fires_once(
+    start_worker: WorkerFactory, sup_client: Client, sup_settings: Settings, repo: Repo
+) -> None:
+    worker = start_worker(settings_override=sup_settings)
+    sup_client.call("ticker", "k1", "once", {"delay_s": 0.5})
+    worker.kill()  # kill -9 before the timer is due
+    assert "t" in timers_of(repo, "ticker", "k1")
+    start_worker(settings_override=sup_settings)
+    poll(lambda: state(sup_client, "ticker", "k1").get("ticks") == 1, what="the fire")
+    assert timers_of(repo, "ticker", "k1") == {}
+    # a later message sees exactly one tick: the fire was applied once
+    sup_client.call("ticker", "k1", "stop")
+    assert state(sup_client, "ticker", "k1")["ticks"] == 1
+
+
+def test_timer_whose_handler_always_crashes_is_dead_lettered_once(
+    start_worker: WorkerFactory, sup_client: Client, sup_settings: Settings, repo: Repo
+) -> None:
+    start_worker(settings_override=sup_settings)
+    sup_client.call("ticker", "b1", "bomb", {"delay_s": 0.1})
+    poll(lambda: repo.dead_letters(entity="ticker", key="b1"), what="the dead-lettered fire")
+    [dead] = repo.dead_letters(entity="ticker", key="b1")
+    assert dead.op == "explode" and dead.message_id.startswith("timer-")
+    assert timers_of(repo, "ticker", "b1") == {}  # consumed: it does not fire again
+    assert sup_client.call("ticker", "b1", "tick") == 0  # and the key goes on
+
+
+# --- the apply step and the poller on a real Repo, without Celery ---------------------------
+
+
+def _applier(settings: Settings) -> tuple[Applier, Repo]:
+    repo = Repo(settings.database_url)
+    registry = EntityRegistry.from_modules(ENTITY_MODULES)
+    table = ActivationTable(100, 60.0)
+    return Applier(settings, registry, repo, table, sleep=lambda s: None), repo
+
+
+def _fire_of(row: TimerRow, partitions: int) -> dict[str, Any]:
+    env = Envelope(
+        id=fire_message_id(row.timer_id, row.due_ms),
+        entity=row.entity,
+        key=row.key,
+        op=row.op,
+        payload=row.payload,
+        partition=partition_for(row.key, partitions),
+        reply=False,
+        sent_at=0.0,
+        timer=TimerRef(row.name, row.timer_id, row.due_ms),
+    )
+    return env.to_wire()
+
+
+def test_stale_and_duplicate_fires_have_no_effect(sup_settings: Settings) -> None:
+    applier, repo = _applier(sup_settings)
+    part = partition_for("s1", sup_settings.partitions)
+    try:
+        sched = {"id": "m1", "entity": "ticker", "key": "s1", "op": "once", "partition": part}
+        applier.apply(part, 1, [{**sched, "payload": {"delay_s": 0}}])
+        [row] = timers_of(repo, "ticker", "s1").values()
+        stale = TimerRow(**{**_row_dict(row), "timer_id": "0" * 32})
+        out = applier.apply(part, 1, [_fire_of(stale, sup_settings.partitions)])
+        assert out.stale_timer_fires == 1 and out.timer_fires == 0
+        fire = _fire_of(row, sup_settings.partitions)
+        out = applier.apply(part, 1, [fire, fire])  # the same fire published twice
+        assert out.timer_fires == 1 and out.duplicates == 1
+        assert applier.apply(part, 1, [fire]).duplicates == 1  # and once more later
+        stored = repo.load_one("ticker", "s1")
+        assert stored is not None and stored.state["ticks"] == 1
+        assert timers_of(repo, "ticker", "s1") == {}
+    finally:
+        repo.dispose()
+
+
+def test_each_policy_fires_once_per_missed_period_coalesce_once(sup_settings: Settings) -> None:
+    applier, repo = _applier(sup_settings)
+    part = partition_for("late", sup_settings.partitions)
+    try:
+        now_ms = int(time.time() * 1000)
+        due = now_ms - 3500  # 3 whole periods of 1 s missed, and half of the next
+        rows = [
+            TimerRow("ticker", "late", name, f"{i:032d}", part, due, "tick", None, 1000, p)
+            for i, (name, p) in enumerate([("e", "each"), ("c", "coalesce"), ("s", "skip")])
+        ]
+        repo.commit(part, 1, [StateWrite("ticker", "late", _initial(), 1, [])], timers=rows)
+        fires = [_fire_of(r, sup_settings.partitions) for r in rows]
+        out = applier.apply(part, 1, fires)
+        assert out.timer_fires == 2  # each and coalesce ran; skip dropped its missed periods
+        after = timers_of(repo, "ticker", "late")
+        assert after["e"].due_ms == now_ms - 2500  # each: the next missed period comes next
+        assert after["c"].due_ms == after["s"].due_ms == now_ms + 500  # the next future slot
+        stored = repo.load_one("ticker", "late")
+        assert stored is not None and stored.state["missed"] == [3, 3]
+    finally:
+        repo.dispose()
+
+
+def test_fire_of_a_timer_whose_op_is_gone_is_dead_lettered_and_consumed(
+    sup_settings: Settings,
+) -> None:
+    applier, repo = _applier(sup_settings)
+    part = partition_for("g1", sup_settings.partitions)
+    try:
+        gone = TimerRow("ticker", "g1", "old", "a" * 32, part, 1, "renamed_op")
+        kept = TimerRow("ticker", "g1", "new", "b" * 32, part, 1, "tick")
+        repo.commit(part, 1, [], timers=[gone, kept])
+        stale_ref = TimerRow(**{**_row_dict(kept), "timer_id": "c" * 32, "op": "renamed_op"})
+        fires = [
+            _fire_of(gone, sup_settings.partitions),
+            _fire_of(stale_ref, sup_settings.partitions),
+        ]
+        out = applier.apply(part, 1, fires)
+        assert out.malformed == 2 and [d.reason for d in out.dead_letters] == ["unknown"] * 2
+        assert list(timers_of(repo, "ticker", "g1")) == ["new"]  # only the exact timer went
+    finally:
+        repo.dispose()
+
+
+def test_poller_publishes_a_bounded_batch_per_tick_and_republishes_same_ids(
+    sup_settings: Settings,
+) -> None:
+    repo = Repo(sup_settings.database_url)
+    try:
+        rows = [
+            TimerRow("ticker", f"k{i}", "t", f"{i:032d}", i % 8, 1000 + i, "tick")
+            for i in range(250)
+        ]
+        repo.commit(0, 1, [], timers=rows)
+        published: list[Sequence[Envelope]] = []
+        clock = [10.0]
+        poller = TimerPoller(
+            repo,
+            published.append,
+            fires_per_tick=100,
+            republish_after_s=5.0,
+            clock=lambda: clock[0],
+        )
+        assert poller.tick(range(8)) == 100  # a restart with 250 due timers: no burst
+        assert all(len({e.partition for e in batch}) == 1 for batch in published)
+        assert poller.tick(range(8)) == 100 and poller.tick(range(8)) == 50
+        ids = [e.id for batch in published for e in batch]
+        assert len(set(ids)) == 250 and poller.tick(range(8)) == 0  # in flight: not again
+        clock[0] += 6.0  # never applied (lost?): published again, with the same ids
+        again = [e.id for _ in range(3) if poller.tick(range(8)) for e in published[-1]]
+        assert set(ids) >= set(again) and poller.tick([99]) == 0  # only held partitions
+    finally:
+        repo.dispose()
+
+
+# --- pure functions -----------------------------------------------------------------------
+
+
+def _initial() -> dict[str, Any]:
+    return {"ticks": 0, "missed": [], "fired": []}
+
+
+def _row_dict(row: TimerRow) -> dict[str, Any]:
+    return {f: getattr(row, f) for f in row.__dataclass_fields__}
+
+
+def _row(every_ms: int | None, catch_up: str = "coalesce") -> TimerRow:
+    return TimerRow("e", "k", "t", "id", 0, 10_000, "op", None, every_ms, catch_up)
+
+
+def test_catch_up_policies() -> None:
+    assert decide(_row(None), 99_000) == FireDecision(True, 0, None)  # one-shot: fire, delete
+    on_time = 10_050
+    for policy in ("coalesce", "skip", "each"):
+        assert decide(_row(1000, policy), on_time) == FireDecision(True, 0, 11_000)
+    late = 13_500  # 3 whole periods missed
+    assert decide(_row(1000, "coalesce"), late) == FireDecision(True, 3, 14_000)
+    assert decide(_row(1000, "skip"), late) == FireDecision(False, 3, 14_000)
+    assert decide(_row(1000, "each"), late) == FireDecision(True, 3, 11_000)
+
+
+def test_context_is_only_available_inside_handlers_and_validates_schedules() -> None:
+    with pytest.raises(NoHandlerContextError):
+        current()
+    from keyq.context import HandlerContext, running
+
+    registry = EntityRegistry.from_modules(ENTITY_MODULES)
+    ctx = HandlerContext(registry.get("ticker"), "k", "m", 0, 100.0, 1024)
+    with running(ctx):
+        assert current() is ctx
+        with pytest.raises(ValidationError):
+            current().schedule(-1, "tick")
+        with pytest.raises(ValidationError):
+            current().schedule(1, "nope")
+        with pytest.raises(ValidationError):
+            current().schedule(1, "tick", catch_up="sometimes")
+        with pytest.raises(ValidationError):
+            current().schedule(1, "tick", payload="x" * 2000)
+        current().schedule(1.5, "tick", every_s=2)
+    [row] = ctx.changes
+    assert isinstance(row, TimerRow) and row.due_ms == 101_500 and row.every_ms == 2000
