@@ -15,7 +15,7 @@ from celery import Celery, bootsteps
 from celery.worker.request import Request
 
 from keyq.celery_app import DISPATCH_TASK, default_queue, make_app
-from keyq.ownership import new_node_id
+from keyq.ownership import TICKS_PER_TTL, new_node_id
 from keyq.settings import Settings
 from keyq.worker import WorkerRuntime
 
@@ -96,7 +96,7 @@ def build_worker_app(
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
-            self.timer_ref: Any = None
+            self.timer_refs: list[Any] = []
 
         def start(self, consumer: Any) -> None:
             runtime = holder.get("runtime")
@@ -117,22 +117,29 @@ def build_worker_app(
                 runtime._settle = lambda: settle_pending_read(consumer)
                 for p in runtime.ownership.held():
                     consumer.add_task_queue(settings.queue_name(p))
-            interval = settings.lease_ttl_s / 4
-
             def tick() -> None:
                 try:
                     runtime.ownership.tick()
-                    runtime.housekeeping()
                 except Exception:
                     log.exception("keyq ownership tick failed node=%s", node)
 
+            def housekeeping() -> None:
+                try:
+                    runtime.housekeeping()
+                except Exception:
+                    log.exception("keyq housekeeping failed node=%s", node)
+
             tick()
-            self.timer_ref = consumer.timer.call_repeatedly(interval, tick)
+            housekeeping()
+            self.timer_refs = [
+                consumer.timer.call_repeatedly(settings.lease_ttl_s / TICKS_PER_TTL, tick),
+                consumer.timer.call_repeatedly(settings.lease_ttl_s / 4, housekeeping),
+            ]
 
         def stop(self, consumer: Any) -> None:
-            if self.timer_ref is not None:
-                self.timer_ref.cancel()
-                self.timer_ref = None
+            for ref in self.timer_refs:
+                ref.cancel()
+            self.timer_refs = []
 
         def shutdown(self, consumer: Any) -> None:
             self.stop(consumer)

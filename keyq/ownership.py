@@ -32,6 +32,8 @@ from keyq.settings import Settings
 
 log = logging.getLogger(__name__)
 
+HEARTBEATS_PER_TTL = 8  # renewals within one TTL: a node must stall 7/8 TTL to lose a lease
+TICKS_PER_TTL = 10  # ownership ticks within one TTL: a free lease is claimed this fast
 HANDOFF_GRACE_S = 1.2  # > kombu's BRPOP timeout: a cancelled queue can still pop until then
 
 
@@ -324,7 +326,7 @@ class PartitionOwnership:
         self._thread.start()
 
     def _heartbeat_loop(self) -> None:
-        interval = self.settings.lease_ttl_s / 4
+        interval = self.settings.lease_ttl_s / HEARTBEATS_PER_TTL
         while not self._stopping:
             started = time.monotonic()
             try:

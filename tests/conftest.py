@@ -19,7 +19,7 @@ import redis
 
 from keyq.client import Client
 from keyq.repo import Repo, metadata
-from keyq.settings import Settings
+from keyq.settings import DEFAULT_LEASE_TTL_MS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_BASE = os.environ.get("KEYQ_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -111,7 +111,7 @@ def settings(redis_url: str, database_url: str, redis_client: redis.Redis) -> Se
         namespace=f"t{uuid.uuid4().hex[:8]}",
         partitions=TEST_PARTITIONS,
         entity_modules=("keyq.examples", "tests.entities"),
-        lease_ttl_ms=1000,
+        lease_ttl_ms=DEFAULT_LEASE_TTL_MS,
         call_timeout_s=15.0,
     )
 
