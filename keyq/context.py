@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from keyq.entity import JSON, EntityType
 from keyq.envelope import check_payload
-from keyq.errors import KeyqError, ValidationError
+from keyq.errors import NoHandlerContextError, ValidationError
 from keyq.repo import TimerChange, TimerDelete, TimerRow
 
 CATCH_UP_POLICIES = ("coalesce", "skip", "each")
@@ -26,10 +26,6 @@ MIN_EVERY_S = 0.05  # a periodic timer fires at most 20 times a second
 _TIMER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 _current: ContextVar[HandlerContext | None] = ContextVar("keyq_handler_context", default=None)
-
-
-class NoHandlerContextError(KeyqError):
-    """keyq.context.current() was called outside a running handler."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,5 +120,9 @@ class HandlerCrashedError(HandlerError):
     """A handler raised; after the restart policy gave up, the message was dead-lettered."""
 
 
+class NoHandlerContextError(KeyqError):
+    """keyq.context.current() was called outside a running handler."""
+
+
 class MessageRefusedError(HandlerError):
     """The worker refused a malformed message and dead-lettered it."""
