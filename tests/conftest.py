@@ -26,6 +26,8 @@ REDIS_BASE = os.environ.get("KEYQ_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("KEYQ_TEST_REDIS_DB", "13"))
 PG_ADMIN_URL = os.environ.get("KEYQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_PARTITIONS = 8
+# entity modules of the supervisor, passivation, timer and dead-letter tests
+SUPERVISED_ENTITY_MODULES = ("keyq.examples", "tests.entities", "tests.supervised_entities")
 
 
 def poll(
@@ -254,3 +256,16 @@ def repo(settings: Settings) -> Iterator[Repo]:
     r = Repo(settings.database_url)
     yield r
     r.dispose()
+
+
+@pytest.fixture
+def sup_settings(settings: Settings) -> Settings:
+    """Settings whose workers also load tests.supervised_entities."""
+    return settings.with_(entity_modules=SUPERVISED_ENTITY_MODULES)
+
+
+@pytest.fixture
+def sup_client(sup_settings: Settings) -> Iterator[Client]:
+    c = Client(sup_settings)
+    yield c
+    c.close()

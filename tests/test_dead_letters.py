@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,21 +15,10 @@ from keyq.repo import Repo
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import ROOT, WorkerFactory, poll, settings_env
-from tests.test_supervisor import ENTITY_MODULES
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def sup_settings(settings: Settings) -> Settings:
-    return settings.with_(entity_modules=ENTITY_MODULES)
-
-
-@pytest.fixture
-def sup_client(sup_settings: Settings) -> Iterator[Client]:
-    c = Client(sup_settings)
-    yield c
-    c.close()
 
 
 def keyq(s: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,11 @@ from keyq.entity import EntityRegistry
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
 from tests.supervised_entities import LIFECYCLE_LOG, Lifecycle
-from tests.test_supervisor import ENTITY_MODULES, free_port, metric
+from tests.test_supervisor import free_port, metric
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def sup_settings(settings: Settings) -> Settings:
-    return settings.with_(entity_modules=ENTITY_MODULES)
-
-
-@pytest.fixture
-def sup_client(sup_settings: Settings) -> Iterator[Client]:
-    c = Client(sup_settings)
-    yield c
-    c.close()
 
 
 def hook_log(tmp_path: Path) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,12 @@ from keyq.repo import Repo, StateWrite
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from keyq.supervisor import RestartIntensity, backoff_delay
-from tests.conftest import WorkerFactory, WorkerProcess, poll
+from tests.conftest import SUPERVISED_ENTITY_MODULES, WorkerFactory, WorkerProcess, poll
 from tests.supervised_entities import LIFECYCLE_LOG
 
 pytestmark = pytest.mark.integration
 
-ENTITY_MODULES = ("keyq.examples", "tests.entities", "tests.supervised_entities")
+ENTITY_MODULES = SUPERVISED_ENTITY_MODULES
 
 
 def free_port() -> int:
@@ -40,16 +39,6 @@ def metric(port: int, name: str, **labels: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.fixture
-def sup_settings(settings: Settings) -> Settings:
-    return settings.with_(entity_modules=ENTITY_MODULES)
-
-
-@pytest.fixture
-def sup_client(sup_settings: Settings) -> Iterator[Client]:
-    c = Client(sup_settings)
-    yield c
-    c.close()
 
 
 def start(

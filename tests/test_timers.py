@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -25,16 +25,6 @@ from tests.test_supervisor import ENTITY_MODULES
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def sup_settings(settings: Settings) -> Settings:
-    return settings.with_(entity_modules=ENTITY_MODULES)
-
-
-@pytest.fixture
-def sup_client(sup_settings: Settings) -> Iterator[Client]:
-    c = Client(sup_settings)
-    yield c
-    c.close()
 
 
 def timers_of(repo: Repo, entity: str, key: str) -> dict[str, TimerRow]:
