@@ -408,10 +408,31 @@ def install_reconcile_task(app: Any, settings: Settings) -> None:
                 )
             return holder["r"]  # type: ignore[no-any-return]
 
+    # A worker applies its partitions serially in one thread: a reconcile run (up to its time
+    # budget) must not hold them up, so the task only hands the run to one background thread.
+    # A run asked for while another is pending or running on this worker is skipped.
+    busy = threading.Event()
+
+    def in_background(name: str, run: Callable[[], Any]) -> dict[str, Any]:
+        if busy.is_set():
+            return {"scheduled": False, "reason": f"a {name} run is still going on this worker"}
+        busy.set()
+
+        def go() -> None:
+            try:
+                run()
+            except Exception:
+                log.exception("keyq %s run failed", name)
+            finally:
+                busy.clear()
+
+        threading.Thread(target=go, name=f"keyq-{name}", daemon=True).start()
+        return {"scheduled": True}
+
     @app.task(name=RECONCILE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reconcile() -> dict[str, Any]:
-        return reconciler().run_once().to_json()
+        return in_background("reconcile", lambda: reconciler().run_once())
 
     @app.task(name=CACHE_SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def cache_sweep() -> dict[str, Any]:
-        return reconciler().sweeper.sweep().to_json()
+        return in_background("cache-sweep", lambda: reconciler().sweeper.sweep())

@@ -17,6 +17,7 @@ from keyq.reconciler import FAULT_RECONCILE_SLEEP, Reconciler, ReconcileReport
 from keyq.settings import Settings
 from tests.conftest import ROOT, WorkerFactory, poll, settings_env
 
+SKIP_LINE = re.compile(r"keyq reconcile skipped reason=locked holder=b'(\d+)-")
 RUN_LINE = re.compile(r"keyq reconcile names_released=.* started=([\d.]+) finished=([\d.]+)")
 
 
@@ -103,4 +104,12 @@ def test_two_beats_and_two_workers_never_overlap_reconciler_runs(
             beat.wait(10)
     ordered = sorted(runs())
     assert all(b[0] >= a[1] for a, b in itertools.pairwise(ordered)), ordered
-    assert all(any(RUN_LINE.search(line) for line in w.log().splitlines()) for w in workers)
+    # the exclusion is across processes: some run was refused because the OTHER worker held it
+    pids = {w.pid for w in workers}
+    refused_by_other = [
+        (w.pid, int(m.group(1)))
+        for w in workers
+        for m in SKIP_LINE.finditer(w.log())
+        if int(m.group(1)) != w.pid and int(m.group(1)) in pids
+    ]
+    assert refused_by_other, "no run was skipped because another worker process held the lock"
