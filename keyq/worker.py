@@ -111,6 +111,7 @@ class WorkerRuntime(OwnershipHooks):
         self._cancel_queue = cancel_queue
         self._settle = settle
         self._drain = register(self.broker, "drain")
+        self._nonempty = register(self.broker, "nonempty")
         self._restore = register(self.broker, "restore")
         self._compare_delete = register(self.broker, "compare_delete")
         self._compare_delete_cache = register(self.redis, "compare_delete")
@@ -281,10 +282,10 @@ class WorkerRuntime(OwnershipHooks):
         held = [(p, t) for p, t in self.ownership.held().items() if p != partition]
         if room <= 0 or not held:
             return {}
-        pipe = self.broker.pipeline(transaction=False)
-        for p, _ in held:
-            pipe.llen(self.settings.queue_name(p))
-        waiting = [(p, t, int(n)) for (p, t), n in zip(held, pipe.execute(), strict=True) if n]
+        found = self._nonempty(keys=[self.settings.queue_name(p) for p, _ in held])
+        waiting = [
+            (*held[int(i) - 1], int(n)) for i, n in zip(found[::2], found[1::2], strict=True)
+        ]
         taken: dict[int, tuple[int, list[object], int]] = {}
         for p, t, n in waiting:
             if room <= 0:

@@ -58,7 +58,6 @@ class BenchServers:
             database_url=self.database_url,
             namespace=self.namespace,
             entity_modules=BENCH_ENTITY_MODULES,
-            lease_ttl_ms=1000,
             call_timeout_s=30.0,
         )
         return base.with_(**changes) if changes else base
