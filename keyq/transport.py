@@ -26,6 +26,7 @@ from time import monotonic
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
@@ -47,12 +48,30 @@ def wake_key(queue_key: str) -> str:
     return queue_key + WAKE_SUFFIX
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's QoS without its second write of what the atomic fetch already recorded."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        recorded: set[str] = self.channel._keyq_recorded
+        if delivery_tag in recorded:
+            recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # in-memory bookkeeping only
+            return
+        super().append(message, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
     """Fetches atomically into ``unacked``; producers leave a wake token beside each message."""
+
+    QoS = QoS
 
     _keyq_fetch_next = True  # the next poll fetches (True) or waits for a wake token (False)
     _keyq_waiting = False  # the command in flight is the wake BRPOP
     _keyq_sha: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
+        super().__init__(*args, **kwargs)
 
     # --- producer side ---------------------------------------------------------------------
 
@@ -133,10 +152,14 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 self._keyq_fetch_next = False
                 raise Empty()
-            dest, item = reply
+            dest, item, recorded = reply
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            payload = loads(bytes_to_str(item))
+            tag = _recorded_tag(payload)
+            if recorded == 1 and tag is not None:
+                self._keyq_recorded.add(tag)
+            self.connection._deliver(payload, dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -148,6 +171,15 @@ class Channel(kombu_redis.Channel):
         if self._in_poll and not self._keyq_waiting:
             with contextlib.suppress(Empty):
                 self._brpop_read()
+
+
+def _recorded_tag(payload: Any) -> str | None:
+    """The delivery tag of a kombu payload: a JSON object whose properties hold a string."""
+    if isinstance(payload, dict):
+        props = payload.get("properties")
+        if isinstance(props, dict) and isinstance(props.get("delivery_tag"), str):
+            return str(props["delivery_tag"])
+    return None
 
 
 class Transport(kombu_redis.Transport):

@@ -99,7 +99,7 @@ class WorkerRuntime(OwnershipHooks):
             if settings.broker_url == settings.redis_url
             else redis.Redis.from_url(settings.broker_url)
         )
-        self.repo = repo or Repo(settings.database_url)
+        self.repo = repo or Repo(settings.database_url, pre_ping=False)  # batches are retried
         self.cache = StateCache(self.redis, settings)
         self.names = NameRegistry(self.redis, settings)
         self.activations = ActivationTable(settings.max_activations, settings.idle_timeout_s)
