@@ -108,8 +108,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(keys: int = 1000, messages: int = 20000, workers: int = 2, calls: int = 500) -> int:
     """Run the demo; returns the process exit code (0 when every key checks out)."""
+    # Ctrl-C and SIGTERM stop everything the demo started, also where the shell that started
+    # the demo made it ignore SIGINT (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     rng = random.Random(7)
     workdir = Path(tempfile.mkdtemp(prefix="keyq-demo-"))
     env = dict(os.environ)
