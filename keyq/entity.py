@@ -24,6 +24,7 @@ HandlerFn = Callable[[Any, JSON, JSON], HandlerResult]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _HANDLER_ATTR = "__keyq_handler__"
+RESERVED_OP_PREFIX = "keyq."  # system messages (e.g. keyq.activate); never a user handler
 _declared: list[type[Entity]] = []  # every Entity subclass, in declaration order
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,9 +34,14 @@ def handler(name: str | Callable[..., Any] | None = None) -> Any:
     """Mark a method as the handler of an operation: ``@handler`` or ``@handler("op")``."""
 
     def mark(fn: F, op: str) -> F:
-        if not _NAME_RE.match(op):
+        if not isinstance(op, str) or not _NAME_RE.match(op):
             raise EntityDefinitionError(
                 f"handler name {op!r} of {fn.__qualname__} must match {_NAME_RE.pattern}"
+            )
+        if op.startswith(RESERVED_OP_PREFIX):
+            raise EntityDefinitionError(
+                f"handler name {op!r} of {fn.__qualname__}: ops starting with "
+                f"{RESERVED_OP_PREFIX!r} are reserved for keyq's system messages; rename it"
             )
         setattr(fn, _HANDLER_ATTR, op)
         return fn
@@ -44,7 +50,7 @@ def handler(name: str | Callable[..., Any] | None = None) -> Any:
         return mark(name, name.__name__)
 
     def decorator(fn: F) -> F:
-        return mark(fn, name or fn.__name__)
+        return mark(fn, fn.__name__ if name is None else name)
 
     return decorator
 

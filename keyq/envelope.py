@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from keyq.entity import JSON, EntityRegistry
+from keyq.entity import JSON, RESERVED_OP_PREFIX, EntityRegistry
 from keyq.errors import (
     InvalidKeyError,
     InvalidPayloadError,
@@ -26,7 +26,7 @@ from keyq.routing import partition_for
 
 ENVELOPE_VERSION = 1
 MAX_MESSAGE_ID_LENGTH = 128  # the dead-letter table's message_id column
-SYSTEM_OP_PREFIX = "keyq."  # ops reserved for keyq's own messages; producers cannot send them
+SYSTEM_OP_PREFIX = RESERVED_OP_PREFIX  # ops reserved for keyq; producers cannot send them
 ACTIVATE_OP = "keyq.activate"  # reconciler -> worker: activate the key, run no handler
 SYSTEM_OPS = frozenset({ACTIVATE_OP})
 

@@ -89,7 +89,7 @@ def test_initial_state_that_is_not_json_is_refused(initial: object) -> None:
                 return state, None
 
 
-@pytest.mark.parametrize("op", ["Bad", "with space", "9lives", "x" * 65])
+@pytest.mark.parametrize("op", ["Bad", "with space", "9lives", "x" * 65, ""])
 def test_handler_with_bad_operation_name_is_refused(op: str) -> None:
     with pytest.raises(EntityDefinitionError, match=r"handler name .* must match"):
 
@@ -190,3 +190,12 @@ def test_registry_refuses_two_classes_with_one_name() -> None:
     with pytest.raises(EntityDefinitionError, match="entity name 'test-toggle' is declared twice"):
         EntityRegistry([Toggle, Other])
     assert EntityRegistry([Toggle, Toggle]).names() == ["test-toggle"]
+
+
+@pytest.mark.parametrize("op", ["keyq.activate", "keyq.anything"])
+def test_handler_names_reserved_for_system_messages_are_refused(op: str) -> None:
+    with pytest.raises(EntityDefinitionError, match=r"reserved for keyq's system messages"):
+
+        @handler(op)
+        def go(self: Any, state: Any, payload: Any) -> Result:
+            return state, None
