@@ -86,6 +86,34 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     return url
 
 
+# Settings field -> the environment variable it is read from (README: Configuration)
+ENV_VARIABLES: dict[str, str] = {
+    "broker_url": "KEYQ_BROKER_URL",
+    "redis_url": "KEYQ_REDIS_URL",
+    "database_url": "KEYQ_DATABASE_URL",
+    "namespace": "KEYQ_NAMESPACE",
+    "partitions": "KEYQ_PARTITIONS",
+    "entity_modules": "KEYQ_ENTITY_MODULES",
+    "lease_ttl_ms": "KEYQ_LEASE_TTL_MS",
+    "idle_timeout_s": "KEYQ_IDLE_TIMEOUT_S",
+    "max_activations": "KEYQ_MAX_ACTIVATIONS",
+    "max_payload_bytes": "KEYQ_MAX_PAYLOAD_BYTES",
+    "max_key_length": "KEYQ_MAX_KEY_LENGTH",
+    "cache_ttl_s": "KEYQ_CACHE_TTL_S",
+    "cache_max_keys": "KEYQ_CACHE_MAX_KEYS",
+    "cache_sweep_interval_s": "KEYQ_CACHE_SWEEP_INTERVAL_S",
+    "dedupe_window": "KEYQ_DEDUPE_WINDOW",
+    "batch_max": "KEYQ_BATCH_MAX",
+    "max_restarts": "KEYQ_MAX_RESTARTS",
+    "restart_window_s": "KEYQ_RESTART_WINDOW_S",
+    "reconcile_interval_s": "KEYQ_RECONCILE_INTERVAL_S",
+    "reconcile_batch": "KEYQ_RECONCILE_BATCH",
+    "reconcile_budget_s": "KEYQ_RECONCILE_BUDGET_S",
+    "call_timeout_s": "KEYQ_CALL_TIMEOUT_S",
+    "metrics_port": "KEYQ_METRICS_PORT",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything keyq reads from the environment; see README 'Configuration'."""
@@ -167,6 +195,15 @@ class Settings:
         )
         settings.check()
         return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The KEYQ_* variables that make from_env() give exactly these settings (for the
+        worker, beat and demo subprocesses that keyq and its tests start)."""
+        env: dict[str, str] = {}
+        for name, var in ENV_VARIABLES.items():
+            value = getattr(self, name)
+            env[var] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return env
 
     def check(self) -> None:
         """Refuse contradictory combinations, saying how to fix them."""

@@ -266,6 +266,12 @@ class WorkerRuntime(OwnershipHooks):
                 e,
             )
             raise OwnershipError(f"partition {partition} lost during a Repo outage") from e
+        self._committed(partition, token, outcome, drained, started)
+
+    def _committed(
+        self, partition: int, token: int, outcome: BatchOutcome, drained: int, started: float
+    ) -> None:
+        """After a commit: record its duration, then cache, replies, registry, in-flight."""
         metrics.commit_seconds.observe(time.perf_counter() - started)
         if self._crash_after and outcome.applied:
             self._crash_after -= 1
@@ -348,13 +354,7 @@ class WorkerRuntime(OwnershipHooks):
                         args=[0, *self.broker.lrange(self.inflight_key(p), 0, -1)],
                     )
             return False
-        metrics.commit_seconds.observe(time.perf_counter() - started)
-        if self._crash_after and outcome.applied:
-            self._crash_after -= 1
-            if self._crash_after == 0:
-                log.error("keyq fault injection: exiting after commit, before ack")
-                os._exit(137)
-        self._after_commit(partition, token, outcome, drained)
+        self._committed(partition, token, outcome, drained, started)
         for p, (t, _, _) in others.items():
             try:
                 self._compare_delete(

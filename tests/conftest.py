@@ -121,25 +121,8 @@ def settings(redis_url: str, database_url: str, redis_client: redis.Redis) -> Se
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a subprocess exactly these settings."""
     env = dict(os.environ)
-    env.update(
-        {
-            "KEYQ_BROKER_URL": settings.broker_url,
-            "KEYQ_REDIS_URL": settings.redis_url,
-            "KEYQ_DATABASE_URL": settings.database_url,
-            "KEYQ_NAMESPACE": settings.namespace,
-            "KEYQ_PARTITIONS": str(settings.partitions),
-            "KEYQ_ENTITY_MODULES": ",".join(settings.entity_modules),
-            "KEYQ_LEASE_TTL_MS": str(settings.lease_ttl_ms),
-            "KEYQ_IDLE_TIMEOUT_S": str(settings.idle_timeout_s),
-            "KEYQ_MAX_ACTIVATIONS": str(settings.max_activations),
-            "KEYQ_MAX_RESTARTS": str(settings.max_restarts),
-            "KEYQ_BATCH_MAX": str(settings.batch_max),
-            "KEYQ_DEDUPE_WINDOW": str(settings.dedupe_window),
-            "KEYQ_CACHE_TTL_S": str(settings.cache_ttl_s),
-            "KEYQ_CACHE_MAX_KEYS": str(settings.cache_max_keys),
-            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        }
-    )
+    env.update(settings.to_env())
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     return env
 
 

@@ -77,14 +77,14 @@ def test_demo_runs_on_its_own_redis_and_sqlite_and_checks_every_key(tmp_path: Pa
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     """SIGINT in the middle of the load: workers, beat and the embedded Redis are all gone."""
-    log = (tmp_path / "demo.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyq", "demo", "--messages", "500000"],
-        env=_demo_env(),
-        cwd=str(tmp_path),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with (tmp_path / "demo.log").open("wb") as log:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyq", "demo", "--messages", "500000"],
+            env=_demo_env(),
+            cwd=str(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         poll(
             lambda: b"sending" in (tmp_path / "demo.log").read_bytes(),

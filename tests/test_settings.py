@@ -10,7 +10,7 @@ import pytest
 
 from keyq import settings as defaults
 from keyq.errors import ConfigurationError
-from keyq.settings import Settings, redact_url
+from keyq.settings import ENV_VARIABLES, Settings, redact_url
 
 
 def test_empty_environment_gives_the_documented_defaults() -> None:
@@ -185,3 +185,21 @@ def test_queue_and_redis_key_names_carry_the_namespace() -> None:
     s = Settings.from_env({"KEYQ_NAMESPACE": "shop"})
     assert s.queue_name(7) == "shop.p7"
     assert s.redis_key("reply", "abc") == "shop:reply:abc"
+
+
+def test_to_env_round_trips_through_from_env() -> None:
+    """What a parent process hands its workers is read back as exactly the same settings."""
+    original = Settings.from_env(
+        {
+            "KEYQ_REDIS_URL": "redis://127.0.0.1:6379/3",
+            "KEYQ_DATABASE_URL": "postgresql://u:secret@db:5432/k",
+            "KEYQ_ENTITY_MODULES": "keyq.examples,tests.entities",
+            "KEYQ_PARTITIONS": "12",
+            "KEYQ_IDLE_TIMEOUT_S": "0.25",
+            "KEYQ_RECONCILE_BUDGET_S": "0.1",
+        }
+    )
+    env = original.to_env()
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"extra"}
+    assert set(ENV_VARIABLES) == fields  # every setting has its variable
+    assert Settings.from_env(env) == original

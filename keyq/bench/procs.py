@@ -41,22 +41,9 @@ def latency_key(settings: Settings) -> str:
 def keyq_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment that gives a worker subprocess exactly these settings."""
     env = dict(os.environ)
-    env.update(
-        {
-            "KEYQ_BROKER_URL": settings.broker_url,
-            "KEYQ_REDIS_URL": settings.redis_url,
-            "KEYQ_DATABASE_URL": settings.database_url,
-            "KEYQ_NAMESPACE": settings.namespace,
-            "KEYQ_PARTITIONS": str(settings.partitions),
-            "KEYQ_ENTITY_MODULES": ",".join(settings.entity_modules),
-            "KEYQ_LEASE_TTL_MS": str(settings.lease_ttl_ms),
-            "KEYQ_BATCH_MAX": str(settings.batch_max),
-            "KEYQ_DEDUPE_WINDOW": str(settings.dedupe_window),
-            "KEYQ_MAX_ACTIVATIONS": str(settings.max_activations),
-            BENCH_LATENCY_KEY: latency_key(settings),
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        }
-    )
+    env.update(settings.to_env())
+    env[BENCH_LATENCY_KEY] = latency_key(settings)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
 
