@@ -27,6 +27,7 @@ from typing import Protocol
 
 import redis
 
+from keyq.errors import StaleWriteError
 from keyq.scripts import register
 from keyq.settings import Settings
 
@@ -390,6 +391,10 @@ class PartitionOwnership:
             try:
                 self.hooks.prepare(p, token)
                 self.hooks.start_consuming(p)
+            except StaleWriteError as e:  # the token was not new to the Repo: claim again
+                log.warning("keyq claim refused partition=%s node=%s: %s", p, self.node_id, e)
+                self.leases.release(p, self.node_id, token)
+                continue
             except Exception:
                 log.exception("keyq could not take partition %s node=%s", p, self.node_id)
                 self.leases.release(p, self.node_id, token)

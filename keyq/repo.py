@@ -228,17 +228,20 @@ class Repo:
         self._insert: Any = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         # Built once: constructing these per commit cost more CPU than running them.
         self._fence_stmt = self._build_fence_stmt()
+        self._grant_stmt = self._build_fence_stmt(strict=True)
         self._upsert_stmt = self._build_upsert_stmt()
 
-    def _build_fence_stmt(self) -> Any:
-        """Record a partition's token unless the Repo has a newer one; RETURNING says which."""
+    def _build_fence_stmt(self, strict: bool = False) -> Any:
+        """Record a partition's token unless the Repo has a newer one (strict: unless it has
+        seen this one or a newer one); RETURNING says which partitions passed."""
         stmt = self._insert(partition_table).values(
             partition=sa.bindparam("p"), fence=sa.bindparam("f"), updated_at=sa.bindparam("t")
         )
+        current, new = partition_table.c.fence, stmt.excluded.fence
         return stmt.on_conflict_do_update(
             index_elements=[partition_table.c.partition],
             set_={"fence": stmt.excluded.fence, "updated_at": stmt.excluded.updated_at},
-            where=partition_table.c.fence <= stmt.excluded.fence,
+            where=(current < new) if strict else (current <= new),
         ).returning(partition_table.c.partition)
 
     def _build_upsert_stmt(self) -> Any:
@@ -335,10 +338,24 @@ class Repo:
                 )
 
     def record_fence(self, partition: int, fence: int) -> None:
-        """Record a newly granted token, so any older owner's pending write is refused."""
+        """Record a newly granted token, so any older owner's pending write is refused.
+
+        A grant must be strictly newer than every token the Repo has seen: after Redis lost its
+        counters (a restart without persistence) it could hand out a number already used, and
+        two owners with one token could not be told apart. StaleWriteError then.
+        """
         try:
             with self.engine.begin() as conn:
-                self._check_fence(conn, partition, fence)
+                if (
+                    conn.execute(
+                        self._grant_stmt, {"p": partition, "f": fence, "t": _now()}
+                    ).first()
+                    is None
+                ):
+                    raise StaleWriteError(
+                        f"partition {partition}: token {fence} was already granted or is older "
+                        "than the Repo's; the fence counter must move past it"
+                    )
         except SQLAlchemyError as e:
             raise RepoError(f"recording fence {fence} of partition {partition} failed: {e}") from e
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg2
 import pytest
 
 from keyq.client import Client
+from keyq.embedded import EmbeddedRedis
+from keyq.errors import KeyqError
 from keyq.repo import Repo
+from keyq.settings import Settings
 from tests.conftest import PG_ADMIN_URL, WorkerFactory, poll
 
 pytestmark = pytest.mark.integration
@@ -81,3 +85,33 @@ def test_database_outage_delays_messages_but_loses_none_and_keeps_order(
         what="all 60 messages applied once, in order, after the database came back",
     )
     assert client.repo.dead_letters() == []
+
+
+def test_worker_serves_again_after_redis_restarts_empty(
+    start_worker: WorkerFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """Redis restarts without its data (the embedded default keeps nothing): leases and fence
+    counters are gone. The worker reconnects, claims its partitions with tokens moved past the
+    ones the Repo has seen, and the state it had committed carries on."""
+    server = EmbeddedRedis(tmp_path / "redis-1").start()
+    s = settings.with_(broker_url=server.url, redis_url=server.url)
+    start_worker(settings_override=s)
+    with Client(s) as client:
+        assert client.call("counter", "survivor", "add", {"by": 5}) == 5
+        port = server.port
+        server.stop()
+        again = EmbeddedRedis(tmp_path / "redis-2")
+        again.port = port
+        again.start()
+        try:
+
+            def serves() -> bool:
+                try:
+                    return client.call("counter", "survivor", "add", {"by": 0}, timeout=1) == 5
+                except KeyqError:
+                    return False
+
+            poll(serves, timeout=60, interval=0.2, what="the worker to serve after the restart")
+            assert client.call("counter", "survivor", "add", {"by": 1}) == 6
+        finally:
+            again.stop()
