@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker.request import Request
 
-from keyq.celery_app import DISPATCH_TASK, default_queue, make_app
+from keyq.celery_app import DISPATCH_TASK, make_app
 from keyq.ownership import TICKS_PER_TTL, new_node_id
 from keyq.settings import Settings
 from keyq.worker import WorkerRuntime
@@ -149,5 +149,4 @@ def build_worker_app(
                 runtime.close()
 
     app.steps["consumer"].add(KeyqOwnershipStep)
-    app.conf.task_default_queue = default_queue(settings)
     return app, node

@@ -20,7 +20,6 @@ from keyq.errors import EntityDefinitionError, UnknownEntityError, UnknownOperat
 
 JSON = Any  # a JSON value: dict, list, str, int, float, bool or None
 HandlerResult = tuple[JSON, JSON]
-HandlerFn = Callable[[Any, JSON, JSON], HandlerResult]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _HANDLER_ATTR = "__keyq_handler__"

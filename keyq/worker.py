@@ -114,7 +114,6 @@ class WorkerRuntime(OwnershipHooks):
         self._nonempty = register(self.broker, "nonempty")
         self._restore = register(self.broker, "restore")
         self._compare_delete = register(self.broker, "compare_delete")
-        self._compare_delete_cache = register(self.redis, "compare_delete")
         self.ownership = PartitionOwnership(
             self.redis,
             settings,
@@ -127,7 +126,6 @@ class WorkerRuntime(OwnershipHooks):
                 "static": list(static_partitions) if static_partitions else None,
             },
         )
-        self.totals: dict[str, int] = {"applied": 0, "batches": 0, "duplicates": 0}
         # fault injection for the exactly-once tests: exit hard between commit and ack
         self._crash_after = int(os.environ.get(FAULT_CRASH_AFTER_COMMIT, "0") or 0)
         self._bench_latency_key = os.environ.get(BENCH_LATENCY_KEY) or None  # off by default
@@ -432,9 +430,6 @@ class WorkerRuntime(OwnershipHooks):
         self._count(outcome)
 
     def _count(self, outcome: BatchOutcome) -> None:
-        self.totals["applied"] += outcome.applied
-        self.totals["batches"] += 1
-        self.totals["duplicates"] += outcome.duplicates
         n = outcome.applied + outcome.rejected + outcome.crashed
         metrics.batch_size.observe(n)
         for latency in outcome.latencies_s:
