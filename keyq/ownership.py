@@ -211,6 +211,9 @@ class OwnershipHooks(Protocol):
         (to the queue head). True if nothing can arrive any more, so no grace wait is needed."""
         return False
 
+    def observe(self, held: dict[int, int]) -> None:
+        """Called by the heartbeat thread after each beat, also while a batch runs (gauges)."""
+
 
 @dataclass
 class TickReport:
@@ -332,6 +335,7 @@ class PartitionOwnership:
             started = time.monotonic()
             try:
                 self.heartbeat()
+                self.hooks.observe(self.held())
             except redis.RedisError as e:
                 log.error("keyq heartbeat failed node=%s error=%s", self.node_id, e)
             self._wake.wait(max(0.0, interval - (time.monotonic() - started)))

@@ -9,6 +9,7 @@ and clears the in-flight list. Celery acks the trigger message when ``handle`` r
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -204,7 +205,21 @@ class WorkerRuntime(OwnershipHooks):
         self._cancel_queue(self.settings.queue_name(partition))
         metrics.partitions_owned.set(max(0, len(self.ownership.held()) - 1))
 
+    def observe(self, held: dict[int, int]) -> None:
+        """Mailbox depth: the queue length of every partition held, from the heartbeat thread
+        (the consumer loop is busy exactly when the depth matters)."""
+        if not held:
+            return
+        parts = sorted(held)
+        pipe = self.broker.pipeline(transaction=False)
+        for p in parts:
+            pipe.llen(self.settings.queue_name(p))
+        for p, depth in zip(parts, pipe.execute(), strict=True):
+            metrics.mailbox_depth.labels(str(p)).set(int(depth))
+
     def forget(self, partition: int) -> None:
+        with contextlib.suppress(KeyError):
+            metrics.mailbox_depth.remove(str(partition))
         gone = self.activations.drop_partition(partition)
         for act in gone:
             self._on_passivate(act)
