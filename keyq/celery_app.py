@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from keyq.connections import broker_transport_options
 from keyq.settings import Settings
 
 DISPATCH_TASK = "keyq.dispatch"  # applies a list of envelopes of one partition
@@ -33,7 +34,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "brpop_timeout": BRPOP_TIMEOUT_S,
             "priority_steps": [0],
+            **broker_transport_options(settings.timeouts),
         },
+        "broker_connection_timeout": settings.redis_connect_timeout_s,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # JSON only on the wire; a pickled message is refused by every keyq worker

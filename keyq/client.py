@@ -17,6 +17,7 @@ from keyq import metrics
 from keyq import reply as replies
 from keyq.cache import StateCache
 from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.connections import blocking_pop, redis_client
 from keyq.entity import JSON, EntityRegistry
 from keyq.envelope import Envelope, check_key, make_envelope
 from keyq.errors import (
@@ -27,7 +28,7 @@ from keyq.errors import (
 )
 from keyq.registry import NameRegistry, Resolution
 from keyq.repo import Repo
-from keyq.settings import Settings
+from keyq.settings import Settings, redact_url
 
 
 class Client:
@@ -42,7 +43,7 @@ class Client:
         self.settings = settings or Settings.from_env()
         self.registry = registry or EntityRegistry.from_modules(self.settings.entity_modules)
         self.app = make_app(self.settings, name="keyq-producer")
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.redis = redis_client(self.settings.redis_url, self.settings.timeouts)
         self.cache = StateCache(self.redis, self.settings)
         self.names = NameRegistry(self.redis, self.settings)
         self._repo: Repo | None = None
@@ -50,7 +51,7 @@ class Client:
     @property
     def repo(self) -> Repo:
         if self._repo is None:  # only reads that miss the cache need the database
-            self._repo = Repo(self.settings.database_url)
+            self._repo = Repo(self.settings.database_url, timeouts=self.settings.timeouts)
         return self._repo
 
     def close(self) -> None:
@@ -150,15 +151,18 @@ class Client:
         reply_key = self.settings.redis_key("reply", env.id)
         self.publish([env])
         try:
-            got = self.redis.blpop([reply_key], timeout=timeout)
+            got = blocking_pop(self.redis, reply_key, timeout, self.settings.timeouts)
         except redis.RedisError as e:
-            raise CacheUnavailableError(f"waiting for the reply of {env.id} failed: {e}") from e
+            raise CacheUnavailableError(
+                f"waiting for the reply of {env.id} failed, Redis at "
+                f"{redact_url(self.settings.redis_url)}: {e}"
+            ) from e
         if got is None:
             raise CallTimeoutError(
                 f"no reply from {entity}/{key} {op} within {timeout:g}s "
                 f"(message {env.id} may still be applied)"
             )
-        return replies.decode(got[1], entity=entity, key=key, op=op, message_id=env.id)
+        return replies.decode(got, entity=entity, key=key, op=op, message_id=env.id)
 
     def read(self, entity: str, key: str) -> JSON:
         """The key's current state (cache, else Repo, then fill the cache); None if unknown.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from keyq.connections import redis_client
 from keyq.errors import CacheUnavailableError, RepoError
 from keyq.repo import Repo, wait_for_repo
 from keyq.settings import Settings
@@ -13,10 +14,12 @@ MIGRATE_LOCK_TIMEOUT_S = 120  # a migration that runs longer than this loses its
 
 def migrate_with_lock(settings: Settings, wait_s: float = 30.0) -> None:
     """Wait for the database, then upgrade it under a lock shared by every node."""
-    repo = Repo(settings.database_url)
+    repo = Repo(
+        settings.database_url, timeouts=settings.timeouts.without_statement_timeout()
+    )
     try:
         wait_for_repo(repo, wait_s)
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings.redis_url, settings.timeouts)
         try:
             with client.lock(
                 settings.redis_key("migrate", "lock"),

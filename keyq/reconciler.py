@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from keyq import metrics
 from keyq.cache import StateCache
+from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import ACTIVATE_OP, Envelope, make_system_envelope
 from keyq.ownership import Membership
@@ -105,7 +106,7 @@ class Reconciler:
         hold: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.client = client or redis_client(settings.redis_url, settings.timeouts)
         self._registry = registry
         self._repo = repo
         self._app = app
@@ -131,7 +132,7 @@ class Reconciler:
     @property
     def repo(self) -> Repo:
         if self._repo is None:
-            self._repo = Repo(self.settings.database_url)
+            self._repo = Repo(self.settings.database_url, timeouts=self.settings.timeouts)
         return self._repo
 
     def publish(self, envelopes: Sequence[Envelope]) -> None:

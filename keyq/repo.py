@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from keyq.connections import DEFAULT_TIMEOUTS, Timeouts, engine_options
 from keyq.entity import JSON
 from keyq.errors import RepoError, StaleWriteError
 from keyq.settings import redact_url
@@ -182,11 +183,11 @@ def _storable_json(value: JSON) -> JSON:
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers and the one writer proceed together; busy_timeout rides out the lock.
+    # WAL lets readers and the one writer proceed together; the driver's timeout (connect_args,
+    # keyq.connections) rides out another writer's lock.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -198,20 +199,29 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, pre_ping: bool = True) -> Engine:
+def make_engine(
+    url: str, pre_ping: bool = True, timeouts: Timeouts = DEFAULT_TIMEOUTS
+) -> Engine:
     """An engine for PostgreSQL or SQLite with the settings keyq relies on.
 
     pre_ping costs a round trip per checkout; workers turn it off because they retry a failed
-    batch anyway (a dropped connection is replaced on the next try).
+    batch anyway (a dropped connection is replaced on the next try). Connect and statement
+    limits come from keyq.connections.
     """
     url = normalize_url(url)
+    options = engine_options(url, timeouts)
     try:
         if url.startswith("sqlite"):
-            engine = sa.create_engine(url, connect_args={"timeout": 30})
+            engine = sa.create_engine(url, **options)
             sa.event.listen(engine, "connect", _configure_sqlite)
         else:
             engine = sa.create_engine(
-                url, pool_pre_ping=pre_ping, pool_size=4, max_overflow=4, pool_recycle=1800
+                url,
+                pool_pre_ping=pre_ping,
+                pool_size=4,
+                max_overflow=4,
+                pool_recycle=1800,
+                **options,
             )
     except (SQLAlchemyError, ImportError, ValueError) as e:
         raise RepoError(f"cannot use database {redact_url(url)}: {e}") from e
@@ -221,9 +231,16 @@ def make_engine(url: str, pre_ping: bool = True) -> Engine:
 class Repo:
     """Durable state of every key; the single source of truth the cache is derived from."""
 
-    def __init__(self, url: str, engine: Engine | None = None, *, pre_ping: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        engine: Engine | None = None,
+        *,
+        pre_ping: bool = True,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    ) -> None:
         self.url = url
-        self.engine = engine or make_engine(url, pre_ping=pre_ping)
+        self.engine = engine or make_engine(url, pre_ping=pre_ping, timeouts=timeouts)
         self._dialect = self.engine.dialect.name
         self._insert: Any = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         # Built once: constructing these per commit cost more CPU than running them.

@@ -9,6 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
+from keyq.connections import (
+    DEFAULT_DATABASE_CONNECT_TIMEOUT_S,
+    DEFAULT_DATABASE_STATEMENT_TIMEOUT_S,
+    DEFAULT_REDIS_CONNECT_TIMEOUT_S,
+    DEFAULT_REDIS_READ_TIMEOUT_S,
+    Timeouts,
+)
 from keyq.errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -111,6 +118,10 @@ ENV_VARIABLES: dict[str, str] = {
     "reconcile_budget_s": "KEYQ_RECONCILE_BUDGET_S",
     "call_timeout_s": "KEYQ_CALL_TIMEOUT_S",
     "metrics_port": "KEYQ_METRICS_PORT",
+    "redis_connect_timeout_s": "KEYQ_REDIS_CONNECT_TIMEOUT_S",
+    "redis_read_timeout_s": "KEYQ_REDIS_READ_TIMEOUT_S",
+    "database_connect_timeout_s": "KEYQ_DATABASE_CONNECT_TIMEOUT_S",
+    "database_statement_timeout_s": "KEYQ_DATABASE_STATEMENT_TIMEOUT_S",
 }
 
 
@@ -141,6 +152,10 @@ class Settings:
     reconcile_budget_s: float = DEFAULT_RECONCILE_BUDGET_S
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     metrics_port: int = 0  # 0: no metrics HTTP server
+    redis_connect_timeout_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
+    redis_read_timeout_s: float = DEFAULT_REDIS_READ_TIMEOUT_S
+    database_connect_timeout_s: float = DEFAULT_DATABASE_CONNECT_TIMEOUT_S
+    database_statement_timeout_s: float = DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -192,6 +207,18 @@ class Settings:
             ),
             call_timeout_s=_float(env, "KEYQ_CALL_TIMEOUT_S", DEFAULT_CALL_TIMEOUT_S, 0.01),
             metrics_port=_int(env, "KEYQ_METRICS_PORT", 0, minimum=0),
+            redis_connect_timeout_s=_float(
+                env, "KEYQ_REDIS_CONNECT_TIMEOUT_S", DEFAULT_REDIS_CONNECT_TIMEOUT_S, 0.05
+            ),
+            redis_read_timeout_s=_float(
+                env, "KEYQ_REDIS_READ_TIMEOUT_S", DEFAULT_REDIS_READ_TIMEOUT_S, 0.1
+            ),
+            database_connect_timeout_s=_float(
+                env, "KEYQ_DATABASE_CONNECT_TIMEOUT_S", DEFAULT_DATABASE_CONNECT_TIMEOUT_S, 1.0
+            ),
+            database_statement_timeout_s=_float(
+                env, "KEYQ_DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
+            ),
         )
         settings.check()
         return settings
@@ -227,6 +254,16 @@ class Settings:
         new = replace(self, **changes)  # type: ignore[arg-type]
         new.check()
         return new
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """The connection limits every Redis client and database engine is built with."""
+        return Timeouts(
+            redis_connect_s=self.redis_connect_timeout_s,
+            redis_read_s=self.redis_read_timeout_s,
+            database_connect_s=self.database_connect_timeout_s,
+            database_statement_s=self.database_statement_timeout_s,
+        )
 
     @property
     def lease_ttl_s(self) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from keyq.cache import StateCache
+from keyq.connections import redis_client
 from keyq.errors import CacheUnavailableError
 from keyq.ownership import Leases, Membership
 from keyq.registry import NameRegistry
@@ -15,8 +16,8 @@ from keyq.settings import Settings
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     """A snapshot of the cluster as Redis sees it (one consistent-enough read)."""
-    client = redis.Redis.from_url(settings.redis_url)
-    broker = redis.Redis.from_url(settings.broker_url)
+    client = redis_client(settings.redis_url, settings.timeouts)
+    broker = redis_client(settings.broker_url, settings.timeouts)
     try:
         membership = Membership(client, settings)
         live = membership.live()

@@ -25,6 +25,7 @@ from keyq.activations import Activation, ActivationTable
 from keyq.applier import Applier, BatchOutcome
 from keyq.cache import StateCache
 from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import Envelope
 from keyq.errors import OwnershipError, RepoError, StaleWriteError
@@ -94,13 +95,14 @@ class WorkerRuntime(OwnershipHooks):
         self.settings = settings
         self.node_id = node_id
         self.entities = registry or EntityRegistry.from_modules(settings.entity_modules)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client(settings.redis_url, settings.timeouts)
         self.broker = (
             self.redis
             if settings.broker_url == settings.redis_url
-            else redis.Redis.from_url(settings.broker_url)
+            else redis_client(settings.broker_url, settings.timeouts)
         )
-        self.repo = repo or Repo(settings.database_url, pre_ping=False)  # batches are retried
+        # no pre-ping: a failed batch is retried anyway, on a fresh connection
+        self.repo = repo or Repo(settings.database_url, pre_ping=False, timeouts=settings.timeouts)
         self.cache = StateCache(self.redis, settings)
         self.names = NameRegistry(self.redis, settings)
         self.activations = ActivationTable(settings.max_activations, settings.idle_timeout_s)
