@@ -59,6 +59,12 @@ class KeyqRequest(Request):  # type: ignore[misc]
         return super().on_accepted(*args, **kwargs)
 
 
+def celery_hostname(node: str) -> str:
+    """The name Celery, Flower and `celery inspect` show for a node: NAME@keyq, or the name
+    itself when it already has Celery's ``name@host`` shape."""
+    return node if "@" in node else f"{node}@keyq"
+
+
 def build_worker_app(
     settings: Settings,
     static_partitions: tuple[int, ...] | None = None,

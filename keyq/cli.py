@@ -9,31 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from keyq.errors import (
-    BrokerUnavailableError,
-    CacheUnavailableError,
-    CallTimeoutError,
-    ConfigurationError,
-    HandlerError,
-    KeyqError,
-    RepoError,
-    ValidationError,
+from keyq.cli_errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    KeyqGroup,
+    handle_errors,
 )
+from keyq.errors import ConfigurationError
 from keyq.settings import Settings
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the operation ran and failed: handler refused or crashed, timeout
-EXIT_USAGE = 2  # bad input or configuration
-EXIT_UNAVAILABLE = 3  # broker, Redis or database not reachable
-
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "handle_errors", "main"]
 
 log = logging.getLogger("keyq.cli")
 
@@ -41,6 +34,7 @@ log = logging.getLogger("keyq.cli")
 # Celery logs two INFO lines per task (received, succeeded): 15-20 % of a worker's throughput.
 # keyq logs its own lines about messages; these come back with --loglevel debug.
 PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+DEMO_STARTUP_WAIT_S = 5.0  # the demo's servers are up already, or it fails fast
 
 
 def setup_logging(level: str) -> None:
@@ -53,30 +47,6 @@ def setup_logging(level: str) -> None:
     if numeric > logging.DEBUG:
         for name in PER_TASK_LOGGERS:
             logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
-
-
-def _exit_code(e: KeyqError) -> int:
-    if isinstance(e, ValidationError | ConfigurationError):
-        return EXIT_USAGE
-    if isinstance(e, BrokerUnavailableError | CacheUnavailableError | RepoError):
-        return EXIT_UNAVAILABLE
-    if isinstance(e, HandlerError | CallTimeoutError):
-        return EXIT_FAILED
-    return EXIT_FAILED
-
-
-def handle_errors(fn: F) -> F:
-    """Turn keyq errors into one clear line on stderr and a named exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeyqError as e:
-            click.echo(f"error: {type(e).__name__}: {e}", err=True)
-            sys.exit(_exit_code(e))
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _settings() -> Settings:
@@ -96,7 +66,7 @@ def _print(value: Any) -> None:
     click.echo(json.dumps(value, indent=None, sort_keys=True, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=KeyqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """keyq: per-key stateful workers on Celery.
 
@@ -111,6 +81,16 @@ def main() -> None:
     """
 
 
+def _metrics_port_option(fn: Any) -> Any:
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Serve Prometheus metrics on this port (overrides KEYQ_METRICS_PORT; 0: off). "
+        "One port per worker process on a host.",
+    )(fn)
+
+
 @main.command()
 @click.option(
     "--partitions",
@@ -118,6 +98,14 @@ def main() -> None:
     default=None,
     help="Static partition set, e.g. '0-31' (default: rendezvous over live nodes).",
 )
+@click.option(
+    "-n",
+    "--hostname",
+    default=None,
+    help="A stable node name for status, Flower and logs (Celery's -n; %h, %n, %d expand to "
+    "the host name, its first label, its domain). Default: unique per process.",
+)
+@_metrics_port_option
 @click.option("--loglevel", default="info", show_default=True)
 @click.option(
     "--migrate/--no-migrate",
@@ -126,33 +114,85 @@ def main() -> None:
     help="Upgrade the database schema before starting.",
 )
 @handle_errors
-def worker(spec: str | None, loglevel: str, migrate: bool) -> None:
-    """Run one worker node (one process; partitions applied serially)."""
+def worker(
+    spec: str | None,
+    hostname: str | None,
+    metrics_port: int | None,
+    loglevel: str,
+    migrate: bool,
+) -> None:
+    """Run one worker node (one process; partitions applied serially).
+
+    Waits at most KEYQ_STARTUP_WAIT_S for Redis and the database, then exits 3.
+
+    \b
+    Examples:
+      keyq worker
+      keyq worker --hostname w1 --metrics-port 9101
+    """
     setup_logging(loglevel)
-    from keyq.celery_app import default_queue
-    from keyq.celery_worker import build_worker_app
     from keyq.metrics import serve
-    from keyq.migrate_lock import migrate_with_lock
+    from keyq.ownership import new_node_id
+    from keyq.preflight import wait_for_redis, wait_until_name_free
     from keyq.routing import parse_partition_spec
 
     settings = _settings()
+    if metrics_port is not None:
+        settings = settings.with_(metrics_port=metrics_port)
     static = None
     if spec:
         try:
             static = parse_partition_spec(spec, settings.partitions)
         except ValueError as e:
             raise ConfigurationError(f"--partitions: {e}") from e
+    node = new_node_id(hostname)
+    serve(settings.metrics_port)  # a taken port is a one-line error before anything starts
+    wait_for_redis(settings, settings.startup_wait_s)
+    if hostname is not None:
+        wait_until_name_free(settings, node, settings.startup_wait_s)
+    _wait_for_database(settings, migrate)
+    _run_worker(settings, static, node, loglevel)
+
+
+def _wait_for_database(settings: Settings, migrate: bool) -> None:
+    from keyq.migrate_lock import migrate_with_lock
+    from keyq.repo import Repo, wait_for_repo
+
     if migrate:
-        migrate_with_lock(settings)
-    serve(settings.metrics_port)
-    app, node = build_worker_app(settings, static)
+        migrate_with_lock(settings, wait_s=settings.startup_wait_s)
+        return
+    repo = Repo(settings.database_url, timeouts=settings.timeouts)
+    try:
+        wait_for_repo(repo, settings.startup_wait_s)
+    finally:
+        repo.dispose()
+
+
+def _check_database(settings: Settings) -> None:
+    """One attempt to reach the database: RepoError naming it if it does not answer."""
+    from keyq.repo import Repo, wait_for_repo
+
+    repo = Repo(settings.database_url, timeouts=settings.timeouts)
+    try:
+        wait_for_repo(repo, 0.0)
+    finally:
+        repo.dispose()
+
+
+def _run_worker(
+    settings: Settings, static: tuple[int, ...] | None, node: str, loglevel: str
+) -> None:
+    from keyq.celery_app import default_queue
+    from keyq.celery_worker import build_worker_app, celery_hostname
+
+    app, node = build_worker_app(settings, static, node_id=node)
     log.info(
         "keyq worker starting node=%s %s",
         node,
         " ".join(f"{k}={v}" for k, v in settings.safe_summary().items()),
     )
     w = app.Worker(
-        hostname=f"{node}@keyq",
+        hostname=celery_hostname(node),
         pool="solo",
         concurrency=1,
         queues=[default_queue(settings)],
@@ -169,27 +209,21 @@ def worker(spec: str | None, loglevel: str, migrate: bool) -> None:
 @click.option("--schedule", default=None, help="Beat schedule file (default: a temp file).")
 @handle_errors
 def beat(loglevel: str, schedule: str | None) -> None:
-    """Run Celery beat with keyq's schedule (the reconciler)."""
+    """Run Celery beat with keyq's schedule (the reconciler).
+
+    Waits at most KEYQ_STARTUP_WAIT_S for Redis, then exits 3.
+    """
     import tempfile
 
     from keyq.celery_app import make_app
+    from keyq.preflight import wait_for_redis
 
     setup_logging(loglevel)
     settings = _settings()
+    wait_for_redis(settings, settings.startup_wait_s)
     app = make_app(settings)
     path = schedule or f"{tempfile.gettempdir()}/keyq-beat-{settings.namespace}"
     app.Beat(loglevel=loglevel.upper(), schedule=path).run()
-
-
-@main.command()
-@handle_errors
-def migrate() -> None:
-    """Upgrade the database schema to the newest revision."""
-    from keyq.migrate_lock import migrate_with_lock
-
-    setup_logging("warning")
-    migrate_with_lock(_settings())
-    _print({"migrated": True})
 
 
 @main.command()
@@ -267,9 +301,16 @@ def reconcile(once: bool) -> None:
     from keyq.reconciler import Reconciler
 
     setup_logging("warning")
-    reconciler = Reconciler(_settings())
+    # a failed step ends the command in one line (below); its traceback is for KEYQ_DEBUG=1
+    logging.getLogger("keyq.reconciler").setLevel(logging.CRITICAL)
+    settings = _settings()
+    _check_database(settings)  # a run with nothing to do would not notice it is down
+    reconciler = Reconciler(settings)
     try:
-        _print(reconciler.run_once().to_json())
+        report = reconciler.run_once()
+        _print(report.to_json())
+        if reconciler.step_errors:  # the report is on stdout; the first failure ends it
+            raise reconciler.step_errors[0][1]
     finally:
         reconciler.close()
 
@@ -283,10 +324,19 @@ def reconcile(once: bool) -> None:
 def demo(keys: int, messages: int, workers: int, calls: int) -> None:
     """Run workers, beat and a producer on one machine, then check every key's state."""
     from keyq.demo import run_demo
+    from keyq.preflight import wait_for_redis
 
+    settings = _settings()
+    quick = settings.with_(startup_wait_s=min(settings.startup_wait_s, DEMO_STARTUP_WAIT_S))
+    if os.environ.get("KEYQ_REDIS_URL"):  # else the demo starts its own Redis
+        wait_for_redis(quick, quick.startup_wait_s)
+    if os.environ.get("KEYQ_DATABASE_URL"):  # else it uses a new SQLite file
+        _wait_for_database(quick, migrate=False)
     sys.exit(run_demo(keys=keys, messages=messages, workers=workers, calls=calls))
 
 
 from keyq.dead_letters_cli import dead_letters  # noqa: E402
+from keyq.migrate_cli import migrate  # noqa: E402
 
 main.add_command(dead_letters)
+main.add_command(migrate)

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from keyq.errors import KeyqError
+from keyq.cli_errors import EXIT_FAILED, EXIT_USAGE, handle_errors
+from keyq.errors import ValidationError
 from keyq.settings import Settings
 
 
@@ -53,6 +54,7 @@ def _filters(fn: Any) -> Any:
 @dead_letters.command("list")
 @_filters
 @click.option("--limit", default=100, show_default=True)
+@handle_errors
 def list_(entity: str | None, key: str | None, reason: str | None, limit: int) -> None:
     """One JSON line per dead letter, oldest first."""
     from keyq.repo import Repo
@@ -64,6 +66,7 @@ def list_(entity: str | None, key: str | None, reason: str | None, limit: int) -
 
 @dead_letters.command()
 @click.argument("ids", type=int, nargs=-1, required=True)
+@handle_errors
 def show(ids: tuple[int, ...]) -> None:
     """Everything about the given dead letters, traceback included."""
     from keyq.repo import Repo
@@ -72,7 +75,7 @@ def show(ids: tuple[int, ...]) -> None:
     found = repo.dead_letters(ids=list(ids), limit=len(ids))
     if not found:
         click.echo(f"error: no dead letter with id(s) {list(ids)}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     for d in found:
         _print(_row(d, full=True))
 
@@ -80,10 +83,12 @@ def show(ids: tuple[int, ...]) -> None:
 @dead_letters.command()
 @click.argument("ids", type=int, nargs=-1, required=True)
 @click.option("--keep", is_flag=True, help="Keep the rows after re-sending them.")
+@handle_errors
 def replay(ids: tuple[int, ...], keep: bool) -> None:
     """Re-send the original messages on their keys' partitions (new message ids).
 
-    Rows that cannot be re-sent (malformed or unknown messages) are reported and kept.
+    Rows that cannot be re-sent (malformed or unknown messages) are reported and kept. When
+    the broker is down the command stops (exit 3); rows re-sent before that are removed.
     """
     from keyq.client import Client
     from keyq.repo import Repo
@@ -94,25 +99,27 @@ def replay(ids: tuple[int, ...], keep: bool) -> None:
     missing = sorted(set(ids) - {d.id for d in found if d.id is not None})
     if missing:
         click.echo(f"error: no dead letter with id(s) {missing}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     replayed: list[int] = []
     failed = 0
-    with Client(settings) as client:
-        for d in found:
-            env = d.envelope if isinstance(d.envelope, dict) else {}
-            try:  # a new id: the original one is in the key's dedupe window and would be skipped
-                message_id = client.send(d.entity, d.key, d.op, env.get("payload"))
-            except KeyqError as e:  # e.g. a malformed message: nothing to re-send; keep the row
-                failed += 1
-                _print({"dead_letter": d.id, "error": f"{type(e).__name__}: {e}"})
-                continue
-            _print({"dead_letter": d.id, "replayed_as": message_id})
-            if d.id is not None:
-                replayed.append(d.id)
-    if replayed and not keep:
-        repo.purge_dead_letters(ids=replayed)
+    try:
+        with Client(settings) as client:
+            for d in found:
+                env = d.envelope if isinstance(d.envelope, dict) else {}
+                try:  # a new id: the original is in the key's dedupe window and would be skipped
+                    message_id = client.send(d.entity, d.key, d.op, env.get("payload"))
+                except ValidationError as e:  # e.g. malformed: nothing to re-send; keep the row
+                    failed += 1
+                    _print({"dead_letter": d.id, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                _print({"dead_letter": d.id, "replayed_as": message_id})
+                if d.id is not None:
+                    replayed.append(d.id)
+    finally:  # also when the broker went down half-way: a re-sent row must not be sent again
+        if replayed and not keep:
+            repo.purge_dead_letters(ids=replayed)
     if failed:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @dead_letters.command()
@@ -120,6 +127,7 @@ def replay(ids: tuple[int, ...], keep: bool) -> None:
 @click.option("--id", "ids", type=int, multiple=True, help="Purge these ids.")
 @click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
 def purge(
     entity: str | None,
     key: str | None,
@@ -135,9 +143,9 @@ def purge(
         click.echo(
             "error: purge needs a filter (--entity, --key, --reason, --id) or --all", err=True
         )
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     if not yes and not click.confirm("Delete the matching dead letters?", default=False):
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     repo = Repo(Settings.from_env().database_url)
     n = repo.purge_dead_letters(
         entity=entity, key=key, reason=reason, ids=list(ids) or None, everything=everything

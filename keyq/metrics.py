@@ -6,7 +6,11 @@ KEYQ_METRICS_PORT is set.
 
 from __future__ import annotations
 
+import errno
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from keyq.errors import ConfigurationError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -112,6 +116,28 @@ reconcile_seconds = Histogram(
 
 
 def serve(port: int) -> None:
-    """Expose this process's metrics on http://0.0.0.0:port/metrics."""
-    if port:
+    """Expose this process's metrics on http://0.0.0.0:port/metrics (0: not at all).
+
+    One port per worker process: a port another process holds is a ConfigurationError that
+    says how to fix it (keyq does not use prometheus-client's multiprocess mode).
+    """
+    if not port:
+        return
+    if not 0 < port < 65536:
+        raise ConfigurationError(
+            f"metrics port {port} (KEYQ_METRICS_PORT or --metrics-port) must be 1-65535, "
+            "or 0 for no metrics server"
+        )
+    try:
         start_http_server(port, registry=REGISTRY)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            problem = "is already in use (another worker on this host?)"
+        else:
+            problem = f"cannot be opened: {e.strerror or e}"
+        other = port + 1 if port < 65535 else port - 1
+        raise ConfigurationError(
+            f"metrics port {port} {problem}: give each worker process on a host its own "
+            f"KEYQ_METRICS_PORT, e.g. `keyq worker --metrics-port {other}`, "
+            "or 0 to run without metrics"
+        ) from e

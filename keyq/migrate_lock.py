@@ -12,8 +12,11 @@ from keyq.settings import Settings
 MIGRATE_LOCK_TIMEOUT_S = 120  # a migration that runs longer than this loses its lock
 
 
-def migrate_with_lock(settings: Settings, wait_s: float = 30.0) -> None:
-    """Wait for the database, then upgrade it under a lock shared by every node."""
+def migrate_with_lock(settings: Settings, wait_s: float = 30.0) -> str | None:
+    """Wait for the database, then upgrade it under a lock shared by every node.
+
+    Returns keyq's revision after the upgrade.
+    """
     repo = Repo(
         settings.database_url, timeouts=settings.timeouts.without_statement_timeout()
     )
@@ -26,7 +29,7 @@ def migrate_with_lock(settings: Settings, wait_s: float = 30.0) -> None:
                 timeout=MIGRATE_LOCK_TIMEOUT_S,
                 blocking_timeout=wait_s * 4,
             ):
-                repo.migrate()
+                return repo.migrate()
         except redis.exceptions.LockError as e:
             raise RepoError(f"could not take the migration lock: {e}") from e
         except redis.RedisError as e:

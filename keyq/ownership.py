@@ -27,7 +27,7 @@ from typing import Protocol
 
 import redis
 
-from keyq.errors import StaleWriteError
+from keyq.errors import ConfigurationError, StaleWriteError
 from keyq.scripts import register
 from keyq.settings import Settings
 
@@ -38,10 +38,56 @@ TICKS_PER_TTL = 10  # ownership ticks within one TTL: a free lease is claimed th
 HANDOFF_GRACE_S = 1.2  # > kombu's BRPOP timeout: a cancelled queue can still pop until then
 
 
-def new_node_id() -> str:
-    """A node id that is unique across hosts and restarts: host, pid and a random suffix."""
-    host = socket.gethostname().split(".")[0][:32]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+MAX_NODE_NAME_LENGTH = 64  # `keyq worker --hostname`: status columns and Redis keys stay short
+
+
+def new_node_id(name: str | None = None) -> str:
+    """This node's id: the given name (``keyq worker --hostname``), else one that is unique
+    across hosts and restarts (host, pid and a random suffix).
+
+    A given name may use Celery's ``%h`` (host name), ``%n`` (its first label), ``%d`` (its
+    domain) and ``%%``. Reusing a name across restarts is safe: a lease is stored as
+    ``node|token`` and the Repo accepts each fencing token only once, so a restarted node never
+    writes under a lease its previous run was granted; it claims a new one.
+    """
+    if name is None:
+        host = socket.gethostname().split(".")[0][:32]
+        return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return check_node_name(_expand_host(name))
+
+
+def _expand_host(name: str) -> str:
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    out: list[str] = []
+    i = 0
+    while i < len(name):
+        pair = name[i : i + 2]
+        if pair in ("%h", "%n", "%d", "%%"):
+            out.append({"%h": host, "%n": short, "%d": domain, "%%": "%"}[pair])
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+def check_node_name(name: str) -> str:
+    """The name if it can identify a node (status, leases, Celery); ConfigurationError if not."""
+    problem = ""
+    if not name:
+        problem = "must not be empty"
+    elif any(c.isspace() for c in name):
+        problem = "must not contain whitespace"
+    elif "|" in name:
+        problem = "must not contain '|' (it separates node and token in a lease)"
+    elif not name.isprintable():
+        problem = "must contain printable characters only"
+    elif len(name) > MAX_NODE_NAME_LENGTH:
+        problem = f"is {len(name)} characters long, at most {MAX_NODE_NAME_LENGTH} are allowed"
+    if problem:
+        raise ConfigurationError(f"node name {name!r} {problem} (--hostname)")
+    return name
 
 
 def rendezvous_owner(partition: int, members: Iterable[str]) -> str | None:

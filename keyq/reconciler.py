@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import kombu.exceptions
 import redis
 import sqlalchemy as sa
 
@@ -36,11 +37,12 @@ from keyq.cache import StateCache
 from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import ACTIVATE_OP, Envelope, make_system_envelope
+from keyq.errors import BrokerUnavailableError, CacheUnavailableError, RepoError
 from keyq.ownership import Membership
 from keyq.registry import NameRegistry
 from keyq.repo import Repo, state_table
 from keyq.scripts import register
-from keyq.settings import Settings
+from keyq.settings import Settings, redact_url
 from keyq.sweeper import CacheSweeper
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class Reconciler:
         self._renew = register(self.client, "lease_renew")
         self.lock_key = settings.redis_key("reconcile", "lock")
         self.lock_ms = int(max(settings.reconcile_budget_s * 3, 5.0) * 1000)
+        # the steps of the last run that failed, each with its error as a keyq error
+        self.step_errors: list[tuple[str, Exception]] = []
 
     # --- lazily built dependencies ---------------------------------------------------------
 
@@ -159,7 +163,14 @@ class Reconciler:
     def run_once(self) -> ReconcileReport:
         """One bounded pass; skipped (ran=False) while another run holds the lock."""
         token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        if not self.client.set(self.lock_key, token, nx=True, px=self.lock_ms):
+        self.step_errors = []
+        try:
+            locked = self.client.set(self.lock_key, token, nx=True, px=self.lock_ms)
+        except redis.RedisError as e:
+            raise CacheUnavailableError(
+                f"Redis at {redact_url(self.settings.redis_url)} is not answering: {e}"
+            ) from e
+        if not locked:
             metrics.reconcile_skipped.inc()
             log.info(
                 "keyq reconcile skipped reason=locked holder=%r", self.client.get(self.lock_key)
@@ -188,15 +199,46 @@ class Reconciler:
                 deadline = started + budget * (i + 1) / len(steps)  # leftovers roll forward
                 try:
                     step(report, deadline)
-                except Exception:  # one failing step (Repo, broker down) must not stop the rest
+                except Exception as e:  # one failing step (Repo, broker down) stops no other
                     report.errors += 1
-                    log.exception("keyq reconcile step failed step=%s", step.__name__)
+                    self._step_failed(step.__name__, e)
         finally:
             report.finished_at = time.time()
-            self._compare_delete(keys=[self.lock_key], args=[token])
+            try:
+                self._compare_delete(keys=[self.lock_key], args=[token])
+            except redis.RedisError as e:  # the lock runs out by itself
+                log.warning("keyq reconcile could not release its lock: %s", e)
         report.duration_s = time.monotonic() - started
         self._record(report)
         return report
+
+    def _step_failed(self, step: str, e: Exception) -> None:
+        """Keep the step's error (as a keyq error when a server failed) and log it: one line
+        for a server that is down, a traceback for anything else."""
+        name = step.lstrip("_")
+        error: Exception = e
+        if isinstance(e, redis.RedisError):
+            error = CacheUnavailableError(
+                f"step {name}: Redis at {redact_url(self.settings.redis_url)} is not answering: {e}"
+            )
+        elif isinstance(e, sa.exc.SQLAlchemyError):
+            error = RepoError(
+                f"step {name}: database at {redact_url(self.settings.database_url)}: {e}"
+            )
+        elif isinstance(e, kombu.exceptions.OperationalError):
+            error = BrokerUnavailableError(
+                f"step {name}: broker at {redact_url(self.settings.broker_url)} "
+                f"is not answering: {e}"
+            )
+        if error is not e:
+            error.__cause__ = e
+        self.step_errors.append((name, error))
+        if isinstance(error, CacheUnavailableError | RepoError | BrokerUnavailableError):
+            log.error(
+                "keyq reconcile step failed step=%s error=%s: %s", step, type(error).__name__, error
+            )
+        else:
+            log.exception("keyq reconcile step failed step=%s", step)
 
     def _record(self, report: ReconcileReport) -> None:
         metrics.reconcile_runs.inc()

@@ -43,6 +43,7 @@ state_table = sa.Table(
     sa.Column("recent_ids", _json, nullable=False),
     sa.Column("active", sa.Boolean, nullable=False, default=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_keyq_state_active", "entity", "active"),
 )
 
 partition_table = sa.Table(
@@ -69,6 +70,7 @@ dead_letter_table = sa.Table(
     sa.Column("traceback", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_keyq_dead_letter_entity_key", "entity", "key"),
 )
 
 
@@ -281,11 +283,11 @@ class Repo:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent)."""
+    def migrate(self) -> str | None:
+        """Bring the schema to the newest Alembic revision (idempotent); returns that revision."""
         from keyq.migrate import upgrade
 
-        upgrade(self.engine)
+        return upgrade(self.engine)
 
     # --- reads -----------------------------------------------------------------------------
 

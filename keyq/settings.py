@@ -38,6 +38,7 @@ DEFAULT_RECONCILE_INTERVAL_S = 10.0
 DEFAULT_RECONCILE_BATCH = 1000
 DEFAULT_RECONCILE_BUDGET_S = 2.0
 DEFAULT_CALL_TIMEOUT_S = 10.0
+DEFAULT_STARTUP_WAIT_S = 30.0  # worker and beat wait this long for Redis and the database
 DEFAULT_NAMESPACE = "keyq"
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -118,6 +119,7 @@ ENV_VARIABLES: dict[str, str] = {
     "reconcile_budget_s": "KEYQ_RECONCILE_BUDGET_S",
     "call_timeout_s": "KEYQ_CALL_TIMEOUT_S",
     "metrics_port": "KEYQ_METRICS_PORT",
+    "startup_wait_s": "KEYQ_STARTUP_WAIT_S",
     "redis_connect_timeout_s": "KEYQ_REDIS_CONNECT_TIMEOUT_S",
     "redis_read_timeout_s": "KEYQ_REDIS_READ_TIMEOUT_S",
     "database_connect_timeout_s": "KEYQ_DATABASE_CONNECT_TIMEOUT_S",
@@ -152,6 +154,7 @@ class Settings:
     reconcile_budget_s: float = DEFAULT_RECONCILE_BUDGET_S
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     metrics_port: int = 0  # 0: no metrics HTTP server
+    startup_wait_s: float = DEFAULT_STARTUP_WAIT_S
     redis_connect_timeout_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
     redis_read_timeout_s: float = DEFAULT_REDIS_READ_TIMEOUT_S
     database_connect_timeout_s: float = DEFAULT_DATABASE_CONNECT_TIMEOUT_S
@@ -207,6 +210,7 @@ class Settings:
             ),
             call_timeout_s=_float(env, "KEYQ_CALL_TIMEOUT_S", DEFAULT_CALL_TIMEOUT_S, 0.01),
             metrics_port=_int(env, "KEYQ_METRICS_PORT", 0, minimum=0),
+            startup_wait_s=_float(env, "KEYQ_STARTUP_WAIT_S", DEFAULT_STARTUP_WAIT_S),
             redis_connect_timeout_s=_float(
                 env, "KEYQ_REDIS_CONNECT_TIMEOUT_S", DEFAULT_REDIS_CONNECT_TIMEOUT_S, 0.05
             ),

@@ -11,7 +11,7 @@ from keyq.connections import redis_client
 from keyq.errors import CacheUnavailableError
 from keyq.ownership import Leases, Membership
 from keyq.registry import NameRegistry
-from keyq.settings import Settings
+from keyq.settings import Settings, redact_url
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -43,7 +43,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         active = NameRegistry(client, settings).count_by_node()
         cache = StateCache(client, settings).stats()
     except redis.RedisError as e:
-        raise CacheUnavailableError(f"Redis is not answering: {e}") from e
+        where = redact_url(settings.redis_url)
+        if settings.broker_url != settings.redis_url:
+            where += f" or the broker at {redact_url(settings.broker_url)}"
+        raise CacheUnavailableError(f"Redis at {where} is not answering: {e}") from e
     finally:
         client.close()
         broker.close()
