@@ -21,28 +21,29 @@ from typing import Any
 from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
 from keyq.context import HandlerContext, TimerFire, running
-from keyq.entity import JSON, EntityRegistry, EntityType, RestartPolicy
+from keyq.entity import JSON, EntityRegistry, EntityType
 from keyq.envelope import Envelope, has_nul, parse_envelope
 from keyq.errors import (
     KeyqError,
     MalformedMessageError,
     Rejected,
+    RepoDataError,
     RepoError,
     StaleWriteError,
     UnknownEntityError,
     UnknownOperationError,
 )
-from keyq.repo import (
+from keyq.records import (
     DeadLetter,
-    Repo,
     StateWrite,
     StoredState,
     TimerChange,
     TimerDelete,
     TimerRow,
 )
+from keyq.repo import Repo
 from keyq.settings import Settings
-from keyq.supervisor import RestartIntensity, backoff_delay
+from keyq.supervisor import Supervisor, time_limit
 from keyq.timers import KeyTimers, decide
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class BatchOutcome:
     timer_changes: list[TimerChange] = field(default_factory=list)  # committed with the batch
     timer_fires: int = 0  # timer fires whose handler ran
     stale_timer_fires: int = 0  # fires of timers cancelled or rescheduled since their publish
+    reroutes: list[Envelope] = field(default_factory=list)  # arrived on another partition
 
 
 @dataclass
@@ -117,16 +119,18 @@ class Applier:
         registry: EntityRegistry,
         repo: Repo,
         activations: ActivationTable,
-        intensity: RestartIntensity | None = None,
+        supervisor: Supervisor | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.repo = repo
         self.activations = activations
-        self.intensity = intensity or RestartIntensity()
+        self.supervisor = supervisor or Supervisor()
         self._sleep = sleep
-        self._default_policy = RestartPolicy(settings.max_restarts, settings.restart_window_s)
+        # called whenever the batch moves on (a handler starts, a wait ends): the watchdog's pulse
+        self.on_progress: Callable[[], None] = lambda: None
+        self._defaults = settings.supervision
 
     # --- the step ------------------------------------------------------------------------
 
@@ -144,14 +148,52 @@ class Applier:
         self,
         batches: Sequence[tuple[int, int, Sequence[object]]],
         keep_trying: Callable[[], bool] = lambda: True,
+        *,
+        dead_letters: Sequence[DeadLetter] = (),
+        rerouted: frozenset[str] = frozenset(),
     ) -> BatchOutcome:
         """Apply batches of several partitions, (partition, fence, raws) each, and commit them
-        in ONE transaction (one fsync), every fence checked; all or nothing."""
+        in ONE transaction (one fsync), every fence checked; all or nothing.
+
+        ``dead_letters`` (broker messages that cannot be applied) are committed with the batch;
+        ``rerouted`` holds ids that were already moved once from a wrong partition (a second
+        wrong arrival is dead-lettered, not moved again). Whatever raises, no activation keeps
+        an effect that was not committed: every key the batch touched is dropped."""
         outcome = BatchOutcome(batches[0][0])
-        fenced: list[tuple[int, int, list[StateWrite]]] = []
+        outcome.dead_letters.extend(dead_letters)
         touched: list[KeyId] = []
+        try:
+            fenced = self._run_batches(batches, outcome, keep_trying, rerouted, touched)
+            (partition, fence, writes), *others = fenced
+            self._retry_repo(
+                lambda: self.repo.commit(
+                    partition,
+                    fence,
+                    writes,
+                    outcome.dead_letters,
+                    timers=outcome.timer_changes,
+                    others=others,
+                ),
+                keep_trying,
+                f"commit of partition(s) {[b[0] for b in batches]}",
+            )
+        except BaseException:
+            for key_id in touched:
+                self.activations.drop(key_id)
+            raise
+        return outcome
+
+    def _run_batches(
+        self,
+        batches: Sequence[tuple[int, int, Sequence[object]]],
+        outcome: BatchOutcome,
+        keep_trying: Callable[[], bool],
+        rerouted: frozenset[str],
+        touched: list[KeyId],
+    ) -> list[tuple[int, int, list[StateWrite]]]:
+        fenced: list[tuple[int, int, list[StateWrite]]] = []
         for partition, fence, raws in batches:
-            groups = self._parse(partition, raws, outcome)
+            groups = self._parse(partition, raws, outcome, rerouted)
             touched.extend(groups)
             writes: list[StateWrite] = []
             if groups:
@@ -165,30 +207,16 @@ class Applier:
                     if write is not None:
                         writes.append(write)
             fenced.append((partition, fence, writes))
-        (partition, fence, writes), *others = fenced
-        try:
-            self._retry_repo(
-                lambda: self.repo.commit(
-                    partition,
-                    fence,
-                    writes,
-                    outcome.dead_letters,
-                    timers=outcome.timer_changes,
-                    others=others,
-                ),
-                keep_trying,
-                f"commit of partition(s) {[b[0] for b in batches]}",
-            )
-        except (StaleWriteError, RepoError):
-            for key_id in touched:
-                self.activations.drop(key_id)
-            raise
-        return outcome
+        return fenced
 
     # --- parsing ---------------------------------------------------------------------------
 
     def _parse(
-        self, partition: int, raws: Sequence[object], outcome: BatchOutcome
+        self,
+        partition: int,
+        raws: Sequence[object],
+        outcome: BatchOutcome,
+        rerouted: frozenset[str] = frozenset(),
     ) -> dict[KeyId, list[Envelope]]:
         groups: dict[KeyId, list[Envelope]] = {}
         for raw in raws:
@@ -199,12 +227,17 @@ class Applier:
                     max_key_length=self.settings.max_key_length,
                 )
                 if env.partition != partition:
+                    if env.id not in rerouted:  # moved once to its own partition, after commit
+                        outcome.reroutes.append(env)
+                        continue
                     raise MalformedMessageError(
                         f"message for partition {env.partition} arrived on partition {partition}"
+                        " again after it was re-routed there once"
                     )
                 entity_type = self.registry.get(env.entity)
                 if not env.system:  # keyq.activate & co. run no handler (see _run_key)
                     entity_type.handler_for(env.op)
+                    entity_type.check_wire_payload(env.op, env.payload)  # typed ops
             except (MalformedMessageError, UnknownEntityError, UnknownOperationError) as e:
                 self._refuse(partition, raw, e, outcome)
                 continue
@@ -215,6 +248,7 @@ class Applier:
         doc = raw if isinstance(raw, dict) else {}
         msg_id = doc.get("id") if isinstance(doc.get("id"), str) else ""
         reason = "malformed" if isinstance(exc, MalformedMessageError) else "unknown"
+        envelope = raw if _is_json(raw) else repr(raw)
         log.warning(
             "keyq message refused partition=%s message_id=%s reason=%s error=%s",
             partition,
@@ -238,7 +272,7 @@ class Applier:
                 key=str(doc.get("key", ""))[:1024],
                 op=str(doc.get("op", ""))[:128],
                 partition=partition,
-                envelope=raw if _is_json(raw) else repr(raw),
+                envelope=envelope,
                 reason=reason,
                 error_type=type(exc).__name__,
                 error_message=str(exc),
@@ -351,14 +385,16 @@ class Applier:
             return None
 
         entity_type = act.entity_type
-        policy = entity_type.instance.restart_policy(self._default_policy)
+        policy = entity_type.instance.supervision(self._defaults)
         settled: dict[str, str] = {}  # message id -> encoded error reply (not applied to state)
         attempts: dict[str, int] = {}
         state = act.state
         started = time.time()
         while True:
             try:
-                run = self._run_pending(act, state, pending, settled, timer_rows, started)
+                run = self._run_pending(
+                    act, state, pending, settled, timer_rows, started, policy.max_handler_seconds
+                )
                 state, results = run.state, run.results
                 break
             except _Crash as crash:
@@ -370,9 +406,10 @@ class Applier:
                     )
                 else:
                     attempts[env.id] = attempts.get(env.id, 0) + 1
-                    retry = attempts[env.id] <= policy.max_restarts and self.intensity.allow(
-                        entity_type.name, policy
+                    decision = self.supervisor.on_crash(
+                        entity_type.name, act.key, attempts[env.id], policy, exc
                     )
+                    retry = decision.restart
                     log.warning(
                         "keyq handler crashed entity=%s key=%s message_id=%s op=%s attempt=%s "
                         "retry=%s error=%s: %s",
@@ -390,14 +427,15 @@ class Applier:
                         outcome.restarts_by_entity[entity_type.name] = (
                             outcome.restarts_by_entity.get(entity_type.name, 0) + 1
                         )
-                        self._sleep(backoff_delay(attempts[env.id]))
+                        self._sleep(decision.delay_s)
+                        self.on_progress()
                     else:
                         outcome.crashed += 1
                         settled[env.id] = replies.encode(
                             replies.error("crashed", type(exc).__name__, str(exc))
                         )
                         outcome.dead_letters.append(
-                            _dead_letter(env, "crashed", exc, attempts[env.id], tb)
+                            _dead_letter(env, decision.reason, exc, attempts[env.id], tb)
                         )
                 # the handler may have mutated the state before raising: restart from the Repo
                 state = self._reload_state(act, keep_trying)
@@ -438,6 +476,7 @@ class Applier:
         settled: dict[str, str],
         timer_rows: dict[str, TimerRow] | None,
         now: float,
+        max_handler_seconds: float = 0.0,
     ) -> _KeyRun:
         """Run the key's messages in order from `state`; a crash aborts the whole run."""
         entity_type = act.entity_type
@@ -470,7 +509,9 @@ class Applier:
                 timer=fire,
             )
             try:
-                with running(ctx):
+                self.on_progress()
+                limit = time_limit(max_handler_seconds, f"{entity_type.name}.{env.op}")
+                with running(ctx), limit:
                     out = entity_type.ops[env.op](run.state, env.payload)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError(
@@ -498,8 +539,8 @@ class Applier:
         while True:
             try:
                 return fn()
-            except StaleWriteError:
-                raise
+            except (StaleWriteError, RepoDataError):
+                raise  # a newer owner, or data the database refuses: waiting cannot help
             except RepoError as e:
                 if not keep_trying():
                     raise
@@ -507,6 +548,7 @@ class Applier:
                     "keyq repo unavailable, retrying in %.2fs what=%s error=%s", delay, what, e
                 )
                 self._sleep(delay)
+                self.on_progress()
                 delay = min(REPO_RETRY_MAX_S, delay * 2)
 
 
@@ -526,6 +568,11 @@ def _check_json(value: object, what: str) -> None:
         raise TypeError(f"handler returned a {what} that is not JSON: {e}") from e
     if has_nul(encoded):  # PostgreSQL cannot store it: the commit would fail forever
         raise TypeError(f"handler returned a {what} with a NUL (\\u0000) character")
+    if "\\ud" in encoded:  # lone surrogates: valid JSON escapes, but no database stores them
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TypeError(f"handler returned a {what} with a lone surrogate: {e}") from e
 
 
 def _is_json(value: object) -> bool:

@@ -80,17 +80,24 @@ def build_worker_app(
         bind=True,
         acks_late=True,
         ignore_result=True,
+        typing=False,
         Request="keyq.celery_worker:KeyqRequest",
     )
-    def dispatch(self: Any, envelopes: object) -> None:
+    def dispatch(self: Any, *args: object, **kwargs: object) -> None:
+        # Celery's decoded arguments are not used: keyq.mailbox reads the raw message itself,
+        # and any arguments are accepted, so a malformed call still reaches the mailbox.
         runtime = holder.get("runtime")
         delivery = self.request.delivery_info or {}
         queue = delivery.get("routing_key") or ""
         raw = getattr(_delivering.pop("message", None), "_raw", None)
         if runtime is None:
             raise RuntimeError("keyq runtime is not started")
-        runtime.handle(queue, envelopes, raw)
+        try:
+            runtime.handle(queue, raw)
+        except Exception:  # handle() never raises; if it ever did, the message stays recorded
+            log.exception("keyq dispatch failed queue=%s node=%s", queue, node)
 
+    from keyq.catalogue import publish_at_start
     from keyq.reconciler import install_reconcile_task
 
     install_reconcile_task(app, settings)
@@ -117,6 +124,8 @@ def build_worker_app(
                 )
                 holder["runtime"] = runtime
                 runtime.ownership.start_heartbeat()
+                # producers without the entity code validate against this (keyq.catalogue)
+                publish_at_start(runtime.redis, settings, runtime.entities, node)
             else:  # the consumer restarted (broker reconnect): re-assert our queues
                 runtime._add_queue = lambda q: consumer.add_task_queue(q)
                 runtime._cancel_queue = lambda q: consumer.cancel_task_queue(q)

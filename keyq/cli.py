@@ -131,8 +131,8 @@ def worker(
       keyq worker --hostname w1 --metrics-port 9101
     """
     setup_logging(loglevel)
+    from keyq.cluster import new_node_id
     from keyq.metrics import serve
-    from keyq.ownership import new_node_id
     from keyq.preflight import wait_for_redis, wait_until_name_free
     from keyq.routing import parse_partition_spec
 
@@ -337,6 +337,8 @@ def demo(keys: int, messages: int, workers: int, calls: int) -> None:
 
 from keyq.dead_letters_cli import dead_letters  # noqa: E402
 from keyq.migrate_cli import migrate  # noqa: E402
+from keyq.schema_cli import schema  # noqa: E402
 
 main.add_command(dead_letters)
 main.add_command(migrate)
+main.add_command(schema)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import OperationalError
@@ -24,11 +24,14 @@ from keyq.errors import (
     BrokerUnavailableError,
     CacheUnavailableError,
     CallTimeoutError,
+    PartialPublishError,
     ValidationError,
 )
 from keyq.registry import NameRegistry, Resolution
-from keyq.repo import Repo
 from keyq.settings import Settings, redact_url
+
+if TYPE_CHECKING:  # only reads that miss the cache need the database (and SQLAlchemy)
+    from keyq.repo import Repo
 
 
 class Client:
@@ -51,6 +54,8 @@ class Client:
     @property
     def repo(self) -> Repo:
         if self._repo is None:  # only reads that miss the cache need the database
+            from keyq.repo import Repo
+
             self._repo = Repo(self.settings.database_url, timeouts=self.settings.timeouts)
         return self._repo
 
@@ -77,6 +82,7 @@ class Client:
         *,
         reply: bool = False,
         message_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Envelope:
         """Validate and build a message without publishing it."""
         return make_envelope(
@@ -90,6 +96,7 @@ class Client:
             max_payload_bytes=self.settings.max_payload_bytes,
             reply=reply,
             message_id=message_id,
+            idempotency_key=idempotency_key,
         )
 
     def publish(self, envelopes: Sequence[Envelope]) -> None:
@@ -115,13 +122,28 @@ class Client:
 
     # --- the API ---------------------------------------------------------------------------
 
-    def send(self, entity: str, key: str, op: str, payload: JSON = None) -> str:
-        """Enqueue a message for a key; returns its message id once the broker has it."""
-        env = self.envelope(entity, key, op, payload)
+    def send(
+        self,
+        entity: str,
+        key: str,
+        op: str,
+        payload: JSON = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Enqueue a message for a key; returns its message id once the broker has it.
+
+        With ``idempotency_key`` (a retried request's id) the same (entity, key, K) is applied
+        once while its id is in the key's dedupe window (the last KEYQ_DEDUPE_WINDOW ids)."""
+        env = self.envelope(entity, key, op, payload, idempotency_key=idempotency_key)
         self.publish([env])
         return env.id
 
-    def send_many(self, entity: str, messages: Iterable[tuple[str, str, JSON]]) -> list[str]:
+    def send_many(
+        self,
+        entity: str,
+        messages: Iterable[tuple[str, str, JSON] | tuple[str, str, JSON, str | None]],
+    ) -> list[str]:
         """Enqueue many (key, op, payload) of one entity: one broker message per partition.
 
         Per-key order is kept within the call (each partition's messages keep their order)
@@ -129,17 +151,38 @@ class Client:
         """
         by_partition: dict[int, list[Envelope]] = {}
         ids: list[str] = []
-        for key, op, payload in messages:
-            env = self.envelope(entity, key, op, payload)
+        for key, op, payload, *idem in messages:  # (key, op, payload[, idempotency_key])
+            env = self.envelope(entity, key, op, payload, idempotency_key=(idem or [None])[0])
             by_partition.setdefault(env.partition, []).append(env)
             ids.append(env.id)
+        published: set[str] = set()
         for group in by_partition.values():
             for start in range(0, len(group), self.settings.batch_max):
-                self.publish(group[start : start + self.settings.batch_max])
+                chunk = group[start : start + self.settings.batch_max]
+                try:
+                    self.publish(chunk)
+                except BrokerUnavailableError as e:
+                    if not published:
+                        raise
+                    unpublished = [i for i in ids if i not in published]
+                    raise PartialPublishError(
+                        f"{len(published)} of {len(ids)} message(s) were published before the "
+                        f"broker failed ({e}); send only the unpublished ones again",
+                        published=[i for i in ids if i in published],
+                        unpublished=unpublished,
+                    ) from e
+                published.update(env.id for env in chunk)
         return ids
 
     def call(
-        self, entity: str, key: str, op: str, payload: JSON = None, timeout: float | None = None
+        self,
+        entity: str,
+        key: str,
+        op: str,
+        payload: JSON = None,
+        timeout: float | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> JSON:
         """Send and wait for the handler's reply; typed errors for refusals and timeouts."""
         timeout = self.settings.call_timeout_s if timeout is None else timeout
@@ -147,7 +190,9 @@ class Client:
             raise ValidationError(
                 f"call timeout must be a positive number of seconds, got {timeout}"
             )
-        env = self.envelope(entity, key, op, payload, reply=True)
+        env = self.envelope(
+            entity, key, op, payload, reply=True, idempotency_key=idempotency_key
+        )
         reply_key = self.settings.redis_key("reply", env.id)
         self.publish([env])
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from keyq.entity import JSON, EntityType
 from keyq.envelope import check_payload
 from keyq.errors import NoHandlerContextError, ValidationError
-from keyq.repo import TimerChange, TimerDelete, TimerRow
+from keyq.records import TimerChange, TimerDelete, TimerRow
 
 CATCH_UP_POLICIES = ("coalesce", "skip", "each")
 MIN_EVERY_S = 0.05  # a periodic timer fires at most 20 times a second

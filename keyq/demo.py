@@ -23,11 +23,12 @@ from typing import Any
 from tqdm import tqdm
 
 from keyq.client import Client
+from keyq.cluster import rendezvous_owner
 from keyq.embedded import EmbeddedRedis
 from keyq.entity import JSON, EntityRegistry
 from keyq.errors import KeyqError, Rejected
+from keyq.mailbox import backlog
 from keyq.migrate_lock import migrate_with_lock
-from keyq.ownership import rendezvous_owner
 from keyq.settings import Settings
 from keyq.status import collect_status
 
@@ -246,16 +247,12 @@ def _wait_drained(client: Client, settings: Settings, timeout: float = 300.0) ->
     first = sum(client.queue_depths().values())
     with tqdm(total=first, desc="applying", unit="batch") as bar:
         while True:
-            depth = sum(client.queue_depths().values())
-            inflight = sum(
-                client.redis.llen(settings.redis_key("inflight", str(p)))
-                for p in range(settings.partitions)
-            )
-            unacked = client.redis.hlen("unacked")
+            pending = backlog(client.redis, settings)
+            depth = pending.queued
             bar.n = max(0, first - depth)
-            bar.set_postfix(in_flight=inflight + unacked)
+            bar.set_postfix(in_flight=pending.total - depth)
             bar.refresh()
-            if depth == 0 and inflight == 0 and unacked == 0:
+            if pending.total == 0:
                 return
             if time.monotonic() > deadline:
                 raise KeyqError(f"queues not drained within {timeout:.0f}s ({depth} left)")

@@ -12,11 +12,20 @@ import importlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from keyq.errors import EntityDefinitionError, UnknownEntityError, UnknownOperationError
+from keyq.errors import (
+    EntityDefinitionError,
+    InvalidPayloadError,
+    MalformedMessageError,
+    UnknownEntityError,
+    UnknownOperationError,
+)
+from keyq.payloads import PayloadSpec, returns_typed, spec_for, to_jsonable
+from keyq.supervisor import SupervisionPolicy
 
 JSON = Any  # a JSON value: dict, list, str, int, float, bool or None
 HandlerResult = tuple[JSON, JSON]
@@ -68,7 +77,10 @@ class Entity:
     Class attributes:
       name           the entity type's name on the wire (lowercase, e.g. "cart")
       initial_state  the JSON state a key starts with
-      max_restarts, within_seconds   restart intensity (None: the worker's defaults)
+      max_restarts, within_seconds   restart intensity per key (None: the worker's defaults)
+      backoff_min_s, backoff_max_s   waits between restarts (None: the worker's defaults)
+      max_handler_seconds            a handler running longer is stopped and its message
+                                     dead-lettered (None: the worker's default; 0: no limit)
       always_on      the reconciler keeps such keys activated (device twins with timers)
     """
 
@@ -76,8 +88,15 @@ class Entity:
     initial_state: ClassVar[JSON] = None
     max_restarts: ClassVar[int | None] = None
     within_seconds: ClassVar[float | None] = None
+    backoff_min_s: ClassVar[float | None] = None
+    backoff_max_s: ClassVar[float | None] = None
+    max_handler_seconds: ClassVar[float | None] = None
     always_on: ClassVar[bool] = False
     handlers: ClassVar[dict[str, str]]  # op name -> method name, filled at class creation
+    # op name -> validator of its payload / state, from the handler's annotations (typed ops)
+    payload_specs: ClassVar[dict[str, PayloadSpec]]
+    state_specs: ClassVar[dict[str, PayloadSpec]]
+    typed_returns: ClassVar[frozenset[str]]  # ops whose handler may return models
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,11 +109,16 @@ class Entity:
             raise EntityDefinitionError(
                 f"entity name {name!r} of {cls.__qualname__} must match {_NAME_RE.pattern}"
             )
+        if "initial_state" in cls.__dict__:  # a model instance is stored as its JSON form
+            cls.initial_state = to_jsonable(cls.initial_state)
         try:
             json.dumps(cls.initial_state, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise EntityDefinitionError(f"initial_state of entity {name!r} is not JSON: {e}") from e
         ops: dict[str, str] = {}
+        payload_specs: dict[str, PayloadSpec] = {}
+        state_specs: dict[str, PayloadSpec] = {}
+        typed_returns: set[str] = set()
         for attr, value in inspect.getmembers(cls, inspect.isfunction):
             op = getattr(value, _HANDLER_ATTR, None)
             if op is None:
@@ -109,11 +133,22 @@ class Entity:
                     f"handler {name}.{op} must take (self, state, payload), got {params}"
                 )
             ops[op] = attr
+            hints = _hints(value)
+            where = f"handler {name}.{op}"
+            for param, specs in ((params[2], payload_specs), (params[1], state_specs)):
+                spec = spec_for(hints.get(param), f"{where} ({param})")
+                if spec is not None:
+                    specs[op] = spec
+            if returns_typed(hints.get("return")):
+                typed_returns.add(op)
         if not ops:
             raise EntityDefinitionError(
                 f"entity {name!r} has no handlers: decorate methods with @keyq.handler"
             )
         cls.handlers = ops
+        cls.payload_specs = payload_specs
+        cls.state_specs = state_specs
+        cls.typed_returns = frozenset(typed_returns)
         _declared.append(cls)
 
     def initial(self) -> JSON:
@@ -133,14 +168,77 @@ class Entity:
             self.within_seconds if self.within_seconds is not None else default.within_seconds,
         )
 
+    def supervision(self, default: SupervisionPolicy) -> SupervisionPolicy:
+        """The worker's supervision defaults with this entity's overrides applied."""
+        restart = self.restart_policy(RestartPolicy(default.max_restarts, default.within_seconds))
+
+        def pick(value: float | None, fallback: float) -> float:
+            return fallback if value is None else float(value)
+
+        return SupervisionPolicy(
+            max_restarts=restart.max_restarts,
+            within_seconds=restart.within_seconds,
+            backoff_min_s=pick(self.backoff_min_s, default.backoff_min_s),
+            backoff_max_s=pick(self.backoff_max_s, default.backoff_max_s),
+            max_handler_seconds=pick(self.max_handler_seconds, default.max_handler_seconds),
+        )
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """A handler's resolved annotations; {} when they cannot be resolved (then it is untyped,
+    as before typed payloads existed: annotations were never required to resolve)."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _typed_handler(
+    fn: Callable[[Any, Any], Any], payload: PayloadSpec | None, state: PayloadSpec | None
+) -> Callable[[JSON, JSON], HandlerResult]:
+    """The handler as the worker calls it, with JSON in and out: the payload (and state) are
+    validated and built into their annotated types; a returned model becomes JSON."""
+
+    def run(state_json: JSON, payload_json: JSON) -> HandlerResult:
+        out = fn(
+            state_json if state is None else state.to_python(state_json),
+            payload_json if payload is None else payload.to_python(payload_json),
+        )
+        if isinstance(out, tuple) and len(out) == 2:
+            return to_jsonable(out[0]), to_jsonable(out[1])
+        return typing.cast(HandlerResult, out)  # the applier reports the wrong shape
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
 
 @dataclass(frozen=True)
 class EntityType:
-    """One registered entity: its singleton instance and the bound handler of each op."""
+    """One registered entity: its singleton instance and the bound handler of each op.
+
+    ``payloads`` holds the validator of each typed op (from annotations, or from a published
+    catalogue's JSON Schema for producers without the entity code)."""
 
     name: str
     instance: Entity
     ops: dict[str, Callable[[JSON, JSON], HandlerResult]]
+    payloads: Mapping[str, PayloadSpec] = field(default_factory=dict)
+
+    def prepare_payload(self, op: str, payload: JSON) -> JSON:
+        """A producer's payload, validated against its op's type and in canonical JSON form
+        (InvalidPayloadError otherwise); an untyped op's payload as it is."""
+        spec = self.payloads.get(op)
+        return payload if spec is None else spec.to_json(payload)
+
+    def check_wire_payload(self, op: str, payload: JSON) -> None:
+        """A worker's check of a payload from the wire: MalformedMessageError if it does not
+        match the op's type (dead-lettered as malformed, never run as a crash)."""
+        spec = self.payloads.get(op)
+        if spec is not None:
+            try:
+                spec.to_python(payload)
+            except InvalidPayloadError as e:
+                raise MalformedMessageError(f"{self.name}.{op}: {e}") from e
 
     def handler_for(self, op: str) -> Callable[[JSON, JSON], HandlerResult]:
         try:
@@ -150,6 +248,15 @@ class EntityType:
             raise UnknownOperationError(
                 f"entity {self.name!r} has no operation {op!r}; known: {known}"
             ) from None
+
+
+def _bound_handler(instance: Entity, op: str) -> Callable[[JSON, JSON], HandlerResult]:
+    cls = type(instance)
+    fn: Callable[[JSON, JSON], HandlerResult] = getattr(instance, cls.handlers[op])
+    payload, state = cls.payload_specs.get(op), cls.state_specs.get(op)
+    if payload is None and state is None and op not in cls.typed_returns:
+        return fn  # untyped: called exactly as before
+    return _typed_handler(fn, payload, state)
 
 
 class EntityRegistry:
@@ -167,8 +274,16 @@ class EntityRegistry:
                     f"{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
                 )
             instance = cls()
-            ops = {op: getattr(instance, attr) for op, attr in cls.handlers.items()}
-            self._types[cls.name] = EntityType(cls.name, instance, ops)
+            ops = {op: _bound_handler(instance, op) for op in cls.handlers}
+            self._types[cls.name] = EntityType(cls.name, instance, ops, dict(cls.payload_specs))
+
+    @classmethod
+    def of_types(cls, types: Iterable[EntityType]) -> EntityRegistry:
+        """A registry of ready-made entity types (e.g. from a published catalogue)."""
+        registry = cls(())
+        for entity_type in types:
+            registry._types[entity_type.name] = entity_type
+        return registry
 
     @classmethod
     def from_modules(cls, modules: Iterable[str]) -> EntityRegistry:

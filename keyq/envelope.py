@@ -7,6 +7,7 @@ broker may come from anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -21,6 +22,7 @@ from keyq.errors import (
     MalformedMessageError,
     PayloadTooLargeError,
     UnknownOperationError,
+    ValidationError,
 )
 from keyq.routing import partition_for
 
@@ -90,6 +92,8 @@ def check_key(key: object, max_length: int) -> str:
         raise InvalidKeyError(f"key is {len(key)} characters long; the limit is {max_length}")
     if "\x00" in key:
         raise InvalidKeyError("key must not contain NUL (\\x00) characters")
+    if not _is_unicode_text(key):
+        raise InvalidKeyError("key must be valid Unicode text (it holds a lone surrogate)")
     return key
 
 
@@ -108,6 +112,16 @@ def check_message_id(message_id: object) -> str:
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
+def _is_unicode_text(text: str) -> bool:
+    """False for a str holding lone surrogates ("\\ud800" is valid JSON but not text): no
+    database, Redis key or hash can take it, so it is refused where it enters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def has_nul(encoded_json: str) -> bool:
     """Whether JSON text holds a NUL character, which PostgreSQL (text and JSONB) cannot store."""
     return "\\u0000" in encoded_json and _JSON_NUL.search(encoded_json) is not None
@@ -121,6 +135,8 @@ def check_payload(payload: object, max_bytes: int) -> int:
         raise InvalidPayloadError(f"payload is not JSON: {e}") from e
     if has_nul(encoded):
         raise InvalidPayloadError("payload must not contain NUL (\\u0000) characters")
+    if "\\ud" in encoded and not _is_unicode_text(json.dumps(payload, ensure_ascii=False)):
+        raise InvalidPayloadError("payload must be valid Unicode text (it holds a lone surrogate)")
     size = len(encoded.encode("utf-8"))
     if size > max_bytes:
         raise PayloadTooLargeError(
@@ -131,6 +147,28 @@ def check_payload(payload: object, max_bytes: int) -> int:
 
 def new_message_id() -> str:
     return uuid.uuid4().hex
+
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 256  # a caller's idempotency key (an HTTP request id, an order id)
+
+
+def idempotent_message_id(entity: str, key: str, idempotency_key: str) -> str:
+    """The message id of a send with a caller's idempotency key: the same (entity, key, K)
+    always gives the same id, so the worker's per-key dedupe window applies it once.
+
+    32 hex digits like a random id (BLAKE2b, 16 bytes); the parts are JSON-encoded together,
+    so no two different triples can run into each other ("a", "b|c" vs "a|b", "c")."""
+    if not isinstance(idempotency_key, str) or not idempotency_key:
+        raise ValidationError("idempotency_key must be a non-empty string")
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise ValidationError(
+            f"idempotency_key is {len(idempotency_key)} characters; the limit is "
+            f"{MAX_IDEMPOTENCY_KEY_LENGTH}"
+        )
+    if not _is_unicode_text(idempotency_key):
+        raise ValidationError("idempotency_key must be valid Unicode text")
+    material = json.dumps(["keyq-idempotency-v1", entity, key, idempotency_key])
+    return hashlib.blake2b(material.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def make_envelope(
@@ -145,8 +183,13 @@ def make_envelope(
     max_payload_bytes: int,
     reply: bool = False,
     message_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Envelope:
-    """Validate a producer's message and build its envelope (nothing is published here)."""
+    """Validate a producer's message and build its envelope (nothing is published here).
+
+    A typed op's payload is validated against its model and sent in canonical JSON form.
+    With ``idempotency_key`` the message id is derived from (entity, key, idempotency_key),
+    so sending the same request again is applied once within the key's dedupe window."""
     if not isinstance(entity, str):
         raise MalformedMessageError(f"entity must be a string, got {type(entity).__name__}")
     entity_type = registry.get(entity)
@@ -157,7 +200,12 @@ def make_envelope(
         )
     entity_type.handler_for(op)
     check_key(key, max_key_length)
+    payload = entity_type.prepare_payload(op, payload)
     check_payload(payload, max_payload_bytes)
+    if idempotency_key is not None:
+        if message_id is not None:
+            raise ValidationError("give a message_id or an idempotency_key, not both")
+        message_id = idempotent_message_id(entity, key, idempotency_key)
     return Envelope(
         id=new_message_id() if message_id is None else check_message_id(message_id),
         entity=entity,
@@ -220,13 +268,25 @@ def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Enve
             f"envelope op {op!r} with system={system}: ops starting with {SYSTEM_OP_PREFIX!r} "
             "come only from keyq itself, and only known ones"
         )
+    payload = raw.get("payload")
+    try:
+        encoded = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise MalformedMessageError(f"envelope payload is not JSON: {e}") from e
+    if has_nul(encoded):
+        raise MalformedMessageError("envelope payload holds a NUL (\\u0000) character")
+    if "\\ud" in encoded and not _is_unicode_text(json.dumps(payload, ensure_ascii=False)):
+        raise MalformedMessageError("envelope payload holds a lone surrogate")
+    for field_name in ("id", "entity", "op"):
+        if not _is_unicode_text(raw[field_name]):
+            raise MalformedMessageError(f"envelope field {field_name!r} holds a lone surrogate")
     sent_at = raw.get("sent_at", 0.0)
     return Envelope(
         id=msg_id,
         entity=entity,
         key=key,
         op=op,
-        payload=raw.get("payload"),
+        payload=payload,
         partition=partition,
         reply=bool(raw.get("reply", False)),
         sent_at=float(sent_at) if isinstance(sent_at, int | float) else 0.0,

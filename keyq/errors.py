@@ -62,6 +62,16 @@ class BrokerUnavailableError(KeyqError):
     """The broker (Redis) could not be reached; the message was not published."""
 
 
+class PartialPublishError(BrokerUnavailableError):
+    """send_many published some partitions' messages, then the broker failed: ``published``
+    holds the ids that are on the broker (do not send them again), ``unpublished`` the rest."""
+
+    def __init__(self, message: str, published: list[str], unpublished: list[str]) -> None:
+        super().__init__(message)
+        self.published = published
+        self.unpublished = unpublished
+
+
 class CacheUnavailableError(KeyqError):
     """The Redis used for the registry and cache could not be reached."""
 
@@ -74,6 +84,10 @@ class StaleWriteError(RepoError):
     """A write was refused: the Repo has seen a newer fencing token or version."""
 
 
+class RepoDataError(RepoError):
+    """The database refused the data itself (not an outage): retrying cannot help."""
+
+
 # --- ownership -----------------------------------------------------------------------------
 
 
@@ -82,6 +96,10 @@ class OwnershipError(KeyqError):
 
 
 # --- calls and handlers --------------------------------------------------------------------
+
+
+class HandlerTimeoutError(KeyqError):
+    """A handler ran longer than its entity's max_handler_seconds (it is dead-lettered)."""
 
 
 class CallTimeoutError(KeyqError, TimeoutError):

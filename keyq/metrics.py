@@ -43,6 +43,11 @@ passivations = Counter(
     ["why"],
     registry=REGISTRY,
 )
+batches_abandoned = Counter(
+    "keyq_batches_abandoned_total",
+    "Batches that failed unplanned; their messages went back to their queue heads",
+    registry=REGISTRY,
+)
 stale_writes = Counter(
     "keyq_stale_writes_refused_total", "Commits refused by the fencing token", registry=REGISTRY
 )

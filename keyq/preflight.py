@@ -12,6 +12,7 @@ import time
 
 import redis
 
+from keyq.cluster import Membership
 from keyq.connections import redis_client
 from keyq.errors import (
     BrokerUnavailableError,
@@ -19,7 +20,6 @@ from keyq.errors import (
     ConfigurationError,
     KeyqError,
 )
-from keyq.ownership import Membership
 from keyq.settings import Settings, redact_url
 
 POLL_INTERVAL_S = 0.2  # between two attempts while waiting for a server or a node name

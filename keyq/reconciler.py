@@ -34,11 +34,11 @@ import sqlalchemy as sa
 
 from keyq import metrics
 from keyq.cache import StateCache
+from keyq.cluster import Membership
 from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import ACTIVATE_OP, Envelope, make_system_envelope
 from keyq.errors import BrokerUnavailableError, CacheUnavailableError, RepoError
-from keyq.ownership import Membership
 from keyq.registry import NameRegistry
 from keyq.repo import Repo, state_table
 from keyq.scripts import register

@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +23,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from keyq.connections import DEFAULT_TIMEOUTS, Timeouts, engine_options
 from keyq.entity import JSON
-from keyq.errors import RepoError, StaleWriteError
+from keyq.errors import RepoDataError, RepoError, StaleWriteError
+from keyq.records import (  # re-exported: the Repo's API takes and returns these records
+    DeadLetter as DeadLetter,
+)
+from keyq.records import StateWrite as StateWrite
+from keyq.records import StoredState as StoredState
+from keyq.records import TimerChange as TimerChange
+from keyq.records import TimerDelete as TimerDelete
+from keyq.records import TimerRow as TimerRow
 from keyq.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,8 @@ dead_letter_table = sa.Table(
     sa.Column("traceback", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("raw", sa.Text, nullable=True),  # the broker message's bytes, base64
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_keyq_dead_letter_entity_key", "entity", "key"),
 )
 
@@ -92,93 +101,65 @@ timer_table = sa.Table(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class TimerRow:
-    """A pending timer of one key: fire `op` with `payload` at due_ms (then every every_ms)."""
-
-    entity: str
-    key: str
-    name: str
-    timer_id: str  # new for every schedule: with due_ms it makes the fire's message id
-    partition: int
-    due_ms: int
-    op: str
-    payload: JSON = None
-    every_ms: int | None = None
-    catch_up: str = "coalesce"  # "coalesce" | "skip" | "each"
+_TRANSIENT = (
+    sa.exc.OperationalError,  # connection lost or refused, server restarting, statement timeout
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.TimeoutError,  # no pooled connection within the wait
+)
 
 
-@dataclass(frozen=True, slots=True)
-class TimerDelete:
-    """A timer of one key to delete in the batch's commit (fired or cancelled)."""
-
-    entity: str
-    key: str
-    name: str
-    timer_id: str | None = None  # set: delete only if the row is still this timer
-
-
-TimerChange = TimerRow | TimerDelete
+def repo_error(e: BaseException, what: str) -> RepoError:
+    """RepoError for an outage (worth waiting out), RepoDataError for data the database
+    refuses (a retry cannot help: the batch fails and its poison is isolated)."""
+    if isinstance(e, _TRANSIENT) or (
+        isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated
+    ):
+        return RepoError(f"{what} failed: {e}")
+    return RepoDataError(f"{what} failed, the database refused the data: {e}")
 
 
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    """A key's durable state as loaded from the Repo."""
-
-    state: JSON
-    version: int
-    fence: int
-    recent_ids: list[str]
-    active: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StateWrite:
-    """The new durable state of one key after a batch."""
-
-    entity: str
-    key: str
-    state: JSON
-    version: int
-    recent_ids: list[str]
-    active: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that could not be applied, kept with why."""
-
-    message_id: str
-    entity: str
-    key: str
-    op: str
-    partition: int
-    envelope: JSON
-    reason: str  # "malformed" | "unknown" | "crashed"
-    error_type: str
-    error_message: str
-    traceback: str = ""
-    attempts: int = 0
-    id: int | None = None
-    created_at: datetime | None = field(default=None, compare=False)
+def _dead_letter_row(d: DeadLetter, now: datetime) -> dict[str, Any]:
+    return {
+        "message_id": _text(d.message_id, 128),
+        "entity": _text(d.entity, 128),
+        "key": _text(d.key, 1024),
+        "op": _text(d.op, 128),
+        "partition": d.partition,
+        "envelope": _storable_json(d.envelope),
+        "reason": _text(d.reason, 32),
+        "error_type": _text(d.error_type, 256),
+        "error_message": _text(d.error_message),
+        "traceback": _text(d.traceback),
+        "attempts": d.attempts,
+        "created_at": now,
+        "raw": d.raw,
+        "deliveries": d.deliveries,
+    }
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _text(value: str, limit: int | None = None) -> str:
-    """Dead-letter text as PostgreSQL can store it: NUL spelled out, cut to the column."""
-    value = value.replace("\x00", "\\x00")
-    return value if limit is None else value[:limit]
+def _text(value: object, limit: int | None = None) -> str:
+    """Dead-letter text as any database can store it: NUL and lone surrogates spelled out,
+    cut to the column (a poison message's fields must never make its dead letter fail)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\x00", "\\x00")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if limit is None else text[:limit]
 
 
 def _storable_json(value: JSON) -> JSON:
-    """A dead letter's envelope as PostgreSQL's JSONB can store it (it refuses \\u0000)."""
+    """A dead letter's envelope as PostgreSQL's JSONB can store it (it refuses \\u0000 and
+    lone surrogates); what it cannot hold is kept as text (the raw column has the bytes)."""
     try:
-        encoded = json.dumps(value)
+        encoded = json.dumps(value, allow_nan=False)
+        encoded.encode("utf-8")  # lone surrogates survive json.dumps as escapes only
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError):
-        return _text(repr(value))
+        return _text(value)
     if "\\u0000" not in encoded:
         return value
     return json.loads(encoded.replace("\\u0000", "\\\\u0000"))
@@ -431,30 +412,25 @@ class Repo:
                 if dead_letters:
                     conn.execute(
                         sa.insert(dead_letter_table),
-                        [
-                            {
-                                "message_id": _text(d.message_id, 128),
-                                "entity": _text(d.entity, 128),
-                                "key": _text(d.key, 1024),
-                                "op": _text(d.op, 128),
-                                "partition": d.partition,
-                                "envelope": _storable_json(d.envelope),
-                                "reason": d.reason,
-                                "error_type": _text(d.error_type, 256),
-                                "error_message": _text(d.error_message),
-                                "traceback": _text(d.traceback),
-                                "attempts": d.attempts,
-                                "created_at": now,
-                            }
-                            for d in dead_letters
-                        ],
+                        [_dead_letter_row(d, now) for d in dead_letters],
                     )
                 if timers:
                     self._write_timers(conn, timers, now)
         except StaleWriteError:
             raise
-        except SQLAlchemyError as e:
-            raise RepoError(f"commit of partition {partition} failed: {e}") from e
+        except (SQLAlchemyError, UnicodeError, ValueError, TypeError) as e:
+            raise repo_error(e, f"commit of partition {partition}") from e
+
+    def record_dead_letters(self, dead_letters: Sequence[DeadLetter]) -> None:
+        """Dead letters of messages that belong to no partition (no fence to check)."""
+        if not dead_letters:
+            return
+        try:
+            with self.engine.begin() as conn:
+                rows = [_dead_letter_row(d, _now()) for d in dead_letters]
+                conn.execute(sa.insert(dead_letter_table), rows)
+        except (SQLAlchemyError, UnicodeError, ValueError, TypeError) as e:
+            raise repo_error(e, "recording dead letters") from e
 
     def _write_timers(
         self, conn: Connection, changes: Sequence[TimerChange], now: datetime
@@ -590,6 +566,8 @@ class Repo:
                 error_message=r.error_message,
                 traceback=r.traceback,
                 attempts=r.attempts,
+                raw=r.raw,
+                deliveries=r.deliveries,
                 created_at=r.created_at,
             )
             for r in rows

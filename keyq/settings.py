@@ -17,6 +17,7 @@ from keyq.connections import (
     Timeouts,
 )
 from keyq.errors import ConfigurationError
+from keyq.supervisor import SupervisionPolicy
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite:///keyq.sqlite3"  # the embedded default: a file beside you
@@ -32,12 +33,16 @@ DEFAULT_CACHE_MAX_KEYS = 1_000_000
 DEFAULT_CACHE_SWEEP_INTERVAL_S = 5.0  # the beat's cache sweep (the reconciler sweeps too)
 DEFAULT_DEDUPE_WINDOW = 256  # applied message ids remembered per key
 DEFAULT_BATCH_MAX = 256  # messages applied in one group commit
-DEFAULT_MAX_RESTARTS = 3  # restart intensity: restarts ...
-DEFAULT_RESTART_WINDOW_S = 5.0  # ... within this window, per entity type
+DEFAULT_MAX_RESTARTS = 10  # restart intensity: restarts of one key ...
+DEFAULT_RESTART_WINDOW_S = 60.0  # ... within this window (with the backoff: a 10 s outage passes)
+DEFAULT_BACKOFF_MIN_S = 0.1  # first wait before a restart, doubling ...
+DEFAULT_BACKOFF_MAX_S = 2.0  # ... up to this (with +-20 % jitter)
+DEFAULT_MAX_HANDLER_SECONDS = 30.0  # a handler running longer is stopped and dead-lettered
 DEFAULT_RECONCILE_INTERVAL_S = 10.0
 DEFAULT_RECONCILE_BATCH = 1000
 DEFAULT_RECONCILE_BUDGET_S = 2.0
 DEFAULT_CALL_TIMEOUT_S = 10.0
+DEFAULT_MAX_DELIVERIES = 5  # a message delivered this often without being applied is dead-lettered
 DEFAULT_STARTUP_WAIT_S = 30.0  # worker and beat wait this long for Redis and the database
 DEFAULT_NAMESPACE = "keyq"
 
@@ -118,6 +123,10 @@ ENV_VARIABLES: dict[str, str] = {
     "reconcile_batch": "KEYQ_RECONCILE_BATCH",
     "reconcile_budget_s": "KEYQ_RECONCILE_BUDGET_S",
     "call_timeout_s": "KEYQ_CALL_TIMEOUT_S",
+    "max_deliveries": "KEYQ_MAX_DELIVERIES",
+    "backoff_min_s": "KEYQ_BACKOFF_MIN_S",
+    "backoff_max_s": "KEYQ_BACKOFF_MAX_S",
+    "max_handler_seconds": "KEYQ_MAX_HANDLER_SECONDS",
     "metrics_port": "KEYQ_METRICS_PORT",
     "startup_wait_s": "KEYQ_STARTUP_WAIT_S",
     "redis_connect_timeout_s": "KEYQ_REDIS_CONNECT_TIMEOUT_S",
@@ -153,6 +162,10 @@ class Settings:
     reconcile_batch: int = DEFAULT_RECONCILE_BATCH
     reconcile_budget_s: float = DEFAULT_RECONCILE_BUDGET_S
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    backoff_min_s: float = DEFAULT_BACKOFF_MIN_S
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    max_handler_seconds: float = DEFAULT_MAX_HANDLER_SECONDS
     metrics_port: int = 0  # 0: no metrics HTTP server
     startup_wait_s: float = DEFAULT_STARTUP_WAIT_S
     redis_connect_timeout_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
@@ -209,6 +222,12 @@ class Settings:
                 env, "KEYQ_RECONCILE_BUDGET_S", DEFAULT_RECONCILE_BUDGET_S, 0.01
             ),
             call_timeout_s=_float(env, "KEYQ_CALL_TIMEOUT_S", DEFAULT_CALL_TIMEOUT_S, 0.01),
+            max_deliveries=_int(env, "KEYQ_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+            backoff_min_s=_float(env, "KEYQ_BACKOFF_MIN_S", DEFAULT_BACKOFF_MIN_S),
+            backoff_max_s=_float(env, "KEYQ_BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S),
+            max_handler_seconds=_float(
+                env, "KEYQ_MAX_HANDLER_SECONDS", DEFAULT_MAX_HANDLER_SECONDS
+            ),
             metrics_port=_int(env, "KEYQ_METRICS_PORT", 0, minimum=0),
             startup_wait_s=_float(env, "KEYQ_STARTUP_WAIT_S", DEFAULT_STARTUP_WAIT_S),
             redis_connect_timeout_s=_float(
@@ -238,6 +257,11 @@ class Settings:
 
     def check(self) -> None:
         """Refuse contradictory combinations, saying how to fix them."""
+        if self.backoff_min_s > self.backoff_max_s:
+            raise ConfigurationError(
+                f"KEYQ_BACKOFF_MIN_S={self.backoff_min_s} is larger than KEYQ_BACKOFF_MAX_S="
+                f"{self.backoff_max_s}: raise the maximum or lower the minimum"
+            )
         if self.dedupe_window < self.batch_max:
             raise ConfigurationError(
                 f"KEYQ_DEDUPE_WINDOW={self.dedupe_window} is smaller than KEYQ_BATCH_MAX="
@@ -258,6 +282,17 @@ class Settings:
         new = replace(self, **changes)  # type: ignore[arg-type]
         new.check()
         return new
+
+    @property
+    def supervision(self) -> SupervisionPolicy:
+        """The supervision defaults (each entity may override them)."""
+        return SupervisionPolicy(
+            max_restarts=self.max_restarts,
+            within_seconds=self.restart_window_s,
+            backoff_min_s=self.backoff_min_s,
+            backoff_max_s=self.backoff_max_s,
+            max_handler_seconds=self.max_handler_seconds,
+        )
 
     @property
     def timeouts(self) -> Timeouts:

@@ -7,9 +7,9 @@ from typing import Any
 import redis
 
 from keyq.cache import StateCache
+from keyq.cluster import Leases, Membership
 from keyq.connections import redis_client
 from keyq.errors import CacheUnavailableError
-from keyq.ownership import Leases, Membership
 from keyq.registry import NameRegistry
 from keyq.settings import Settings, redact_url
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from keyq.envelope import Envelope, TimerRef
-from keyq.repo import Repo, TimerChange, TimerDelete, TimerRow
+from keyq.records import TimerChange, TimerDelete, TimerRow
+from keyq.repo import Repo
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ class TimerPoller:
         self.max_in_flight = max_in_flight
         self.republish_after_s = republish_after_s
         self._clock = clock
-        self._published: dict[str, tuple[int, float]] = {}  # fire id -> (partition, published)
+        # fire id -> (partition, published at, due_ms)
+        self._published: dict[str, tuple[int, float, int]] = {}
 
     def in_flight(self) -> int:
         return len(self._published)
@@ -146,18 +148,31 @@ class TimerPoller:
         self._published = {k: v for k, v in self._published.items() if v[0] != partition}
 
     def tick(self, partitions: Iterable[int]) -> int:
-        """Publish up to fires_per_tick due fires (one broker message per partition)."""
+        """Publish up to fires_per_tick due fires (one broker message per partition).
+
+        Fires already published are forgotten as soon as they are no longer due (applied),
+        BEFORE the room for new ones is computed: a full in-flight set must drain, never stall
+        (it once returned early here, with 2,000 fires in flight, and timers stopped for good).
+        """
         parts = set(partitions)
         now = self._clock()
         self._published = {k: v for k, v in self._published.items() if v[0] in parts}
-        room = min(self.fires_per_tick, self.max_in_flight - len(self._published))
-        if not parts or room <= 0:
+        if not parts:
             return 0
-        limit = room + len(self._published)
+        limit = self.max_in_flight + self.fires_per_tick
         rows = self.repo.due_timers(parts, int(now * 1000), limit)
         due_ids = {fire_message_id(r.timer_id, r.due_ms) for r in rows}
-        if len(rows) < limit:  # not truncated: what is no longer due has been applied
-            self._published = {k: v for k, v in self._published.items() if k in due_ids}
+        # rows come earliest first: a published fire due before the last row that is not among
+        # them has been applied (all of them, when the query was not cut by its limit)
+        horizon = rows[-1].due_ms if len(rows) >= limit else None
+        self._published = {
+            k: v
+            for k, v in self._published.items()
+            if k in due_ids or (horizon is not None and v[2] >= horizon)
+        }
+        room = min(self.fires_per_tick, self.max_in_flight - len(self._published))
+        if room <= 0:
+            return 0
         by_partition: dict[int, list[Envelope]] = {}
         sent = 0
         for row in rows:
@@ -172,7 +187,8 @@ class TimerPoller:
         for partition, envelopes in by_partition.items():
             self.publish(envelopes)  # a broker error propagates: nothing is marked published
             for env in envelopes:
-                self._published[env.id] = (partition, now)
+                due_ms = env.timer.due_ms if env.timer is not None else 0
+                self._published[env.id] = (partition, now, due_ms)
         if sent:
             log.info("keyq timers published fires=%d in_flight=%d", sent, len(self._published))
         return sent

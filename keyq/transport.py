@@ -14,7 +14,17 @@
 2. Undeliverable partition messages go back to the HEAD. When a consumer stops consuming a
    queue while a fetch that names it is in flight, stock kombu "requeues the undeliverable
    message" at the TAIL, behind newer messages of the same keys. For keyq's partition queues
-   this transport pushes it back at the head (the right end, popped next), exactly as it was.
+   this transport pushes it back at the head (the right end, popped next), with a new tag.
+3. Nothing unreadable reaches Celery. A message that kombu or Celery could not decode (not
+   JSON, an unknown body encoding, content type, compression or task) used to raise outside
+   Celery's task handling and end the worker process, on every node it was restored to. The
+   fetch moves such a message to its queue's poison list instead (keyq.mailbox dead-letters it).
+4. keyq.mailbox settles partition messages itself (it claims them into the partition's
+   in-flight list), so Celery's ack or reject of one touches nothing in Redis; control replies
+   (consumed without acks: `celery inspect`, Flower) are never recorded as unacked.
+
+What a message must look like, and what happens to it, is keyq.mailbox's business; this module
+only does kombu's part of it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,15 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
+from keyq.celery_app import DISPATCH_TASK
+from keyq.mailbox import (
+    DEFAULT_QUEUE_TASKS,
+    PARTITION_TASKS,
+    decode_document,
+    is_partition_queue,
+    poison_key,
+    redelivered,
+)
 from keyq.scripts import lua_source
 
 log = logging.getLogger(__name__)
@@ -38,18 +57,30 @@ log = logging.getLogger(__name__)
 WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idle consumers
 
 
-def is_partition_queue(queue: str) -> bool:
-    """keyq partition queues are named '<namespace>.p<number>'."""
-    head, sep, tail = queue.rpartition(".p")
-    return bool(sep and head and tail.isdigit())
-
-
 def wake_key(queue_key: str) -> str:
     return queue_key + WAKE_SUFFIX
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's QoS without its second write of what the atomic fetch already recorded."""
+    """kombu's QoS without its second write of what the atomic fetch already recorded, and
+    without any Redis write for the ack of a partition message (keyq.mailbox settled it)."""
+
+    def _settled_by_mailbox(self, delivery_tag: str) -> bool:
+        message = self._delivered.get(delivery_tag)
+        info = getattr(message, "delivery_info", None) or {}
+        return is_partition_queue(str(info.get("routing_key") or ""))
+
+    def ack(self, delivery_tag: str) -> None:
+        if self._settled_by_mailbox(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)  # in-memory bookkeeping only
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self._settled_by_mailbox(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)  # never to the tail: the mailbox decides
+            return
+        super().reject(delivery_tag, requeue=requeue)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded: set[str] = self.channel._keyq_recorded
@@ -71,7 +102,15 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
+        self._keyq_noack: set[str] = set()  # queues consumed without acks (control replies)
         super().__init__(*args, **kwargs)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._keyq_noack.add(queue)
+        else:
+            self._keyq_noack.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     # --- producer side ---------------------------------------------------------------------
 
@@ -113,6 +152,11 @@ class Channel(kombu_redis.Channel):
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         if self._keyq_fetch_next:
             sha = self._keyq_script()  # before _in_poll: may use the connection itself
+            acked = [
+                "0" if queue in self._keyq_noack else "1"
+                for _pri in self.priority_steps
+                for queue in queues
+            ]
             command = [
                 "EVALSHA",
                 sha,
@@ -120,6 +164,7 @@ class Channel(kombu_redis.Channel):
                 *keys,
                 self.unacked_key,
                 self.unacked_index_key,
+                *acked,
             ]
             self._keyq_waiting = False
         else:
@@ -155,15 +200,43 @@ class Channel(kombu_redis.Channel):
             dest, item, recorded = reply
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            if recorded == 2:  # not kombu's format: now on the poison list
+                log.warning("keyq moved an unreadable message to %s", poison_key(dest))
+                raise Empty()
             payload = loads(bytes_to_str(item))
             tag = _recorded_tag(payload)
             if recorded == 1 and tag is not None:
+                if self._keyq_quarantined(dest, payload, item, tag):
+                    raise Empty()
                 self._keyq_recorded.add(tag)
             self.connection._deliver(payload, dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+
+    def _keyq_quarantined(self, queue: str, payload: Any, item: bytes, tag: str) -> bool:
+        """Move a recorded message that Celery could not run to the poison list."""
+        tasks = PARTITION_TASKS if is_partition_queue(queue) else DEFAULT_QUEUE_TASKS
+        delivery = decode_document(payload, bytes(item), tasks, DISPATCH_TASK)
+        if delivery.problem is None:
+            return False
+        log.warning(
+            "keyq moved an unusable message to %s message_id=%s problem=%s",
+            poison_key(queue),
+            delivery.message_id,
+            delivery.problem,
+        )
+        self.client.eval(
+            lua_source("quarantine"),
+            3,
+            self.unacked_key,
+            self.unacked_index_key,
+            poison_key(queue),
+            tag,
+            item,
+        )
+        return True
 
     def settle_in_flight(self) -> None:
         """Read a fetch still in flight, so its message reaches its consumer or goes back to
@@ -197,7 +270,7 @@ class Transport(kombu_redis.Transport):
         for channel in self.channels:
             if channel:
                 pipe = channel.client.pipeline(transaction=True)
-                pipe.rpush(queue, dumps(raw_message))
+                pipe.rpush(queue, redelivered(dumps(raw_message), bump=False))
                 if tag is not None:  # the fetch recorded it as unacked: it is not any more
                     pipe.hdel(channel.unacked_key, tag)
                     pipe.zrem(channel.unacked_index_key, tag)

@@ -1,80 +1,71 @@
-"""The worker runtime of one process: ownership hooks, the task body, housekeeping.
+"""The worker runtime of one process: ownership hooks, the batch step, housekeeping.
 
-Celery delivers one task message of a partition; ``handle`` then drains up to a batch more of
-that partition's queue (atomically moved into an in-flight list while the lease is held),
-applies them all with one commit, and only then writes the cache, the replies and the registry
-and clears the in-flight list. Celery acks the trigger message when ``handle`` returns.
+Celery delivers one message of a partition; ``handle`` claims it into the partition's in-flight
+list (keyq.mailbox), drains up to a batch more of that partition (and of the other partitions
+this node holds), applies them all with one commit, and only then writes the cache, the replies
+and the registry and settles the in-flight lists. ``handle`` never raises: whatever fails, each
+message it took is committed, back at the head of its queue in order, or dead-lettered.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from kombu import compression as kombu_compression
 
 from keyq import metrics
 from keyq.activations import Activation, ActivationTable
 from keyq.applier import Applier, BatchOutcome
 from keyq.cache import StateCache
-from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.celery_app import DISPATCH_TASK, default_queue, make_app
 from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import Envelope
-from keyq.errors import OwnershipError, RepoError, StaleWriteError
+from keyq.errors import RepoDataError, RepoError, StaleWriteError
+from keyq.mailbox import (
+    DEFAULT_QUEUE_TASKS,
+    PARTITION_TASKS,
+    REROUTED_HEADER,
+    Delivery,
+    Lease,
+    Mailbox,
+    decode,
+    decode_document,
+    partition_of_queue,
+)
 from keyq.ownership import OwnershipHooks, PartitionOwnership
+from keyq.records import DeadLetter
 from keyq.registry import NameRegistry
 from keyq.reply import REPLY_TTL_MS
 from keyq.repo import Repo
-from keyq.scripts import register
+from keyq.routing import partition_for
 from keyq.settings import Settings
-from keyq.supervisor import RestartIntensity
+from keyq.supervisor import Supervisor
 from keyq.timers import TimerPoller
 
 log = logging.getLogger(__name__)
 
-FAULT_CRASH_AFTER_COMMIT = "KEYQ_FAULT_CRASH_AFTER_COMMIT"  # tests: die after the Nth commit
-# benchmarks only: RPUSH "<partition> <applied_at> <latency_s>" per applied message to this list
-BENCH_LATENCY_KEY = "KEYQ_BENCH_LATENCY_KEY"
-DRAIN_STEP = 64  # broker messages taken per drain round trip
-KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivered-but-unacked messages
-KOMBU_UNACKED_INDEX = "unacked_index"
+POISON_PER_BATCH = 32  # unreadable messages dead-lettered with one batch, at most
+WATCHDOG_SLACK_S = 5.0  # beyond twice the longest handler limit, before the watchdog acts
 
 
-def partition_of_queue(settings: Settings, queue: str) -> int | None:
-    prefix = f"{settings.namespace}.p"
-    if queue.startswith(prefix) and queue[len(prefix) :].isdigit():
-        return int(queue[len(prefix) :])
-    return None
+@dataclass
+class _Batch:
+    """The partitions whose in-flight lists one batch filled, and what it read from them."""
 
-
-def decode_task_message(raw: bytes | str) -> list[object]:
-    """The envelopes inside a raw kombu message of keyq.dispatch (JSON only, never pickle)."""
-    msg = json.loads(raw)
-    headers = msg.get("headers") or {}
-    if headers.get("task") != DISPATCH_TASK:
-        return [{"error": f"not a {DISPATCH_TASK} message: task={headers.get('task')!r}"}]
-    if msg.get("content-type") != "application/json":
-        return [{"error": f"refused content type {msg.get('content-type')!r} (JSON only)"}]
-    body = msg.get("body", "")
-    if (msg.get("properties") or {}).get("body_encoding") == "base64":
-        body = base64.b64decode(body)
-    method = headers.get("compression")
-    if method:  # as kombu does for a consumed message (task_compression)
-        try:
-            body = kombu_compression.decompress(body, method)  # type: ignore[no-untyped-call]
-        except Exception as e:  # zlib.error, KeyError (unknown method), ...
-            raise ValueError(f"cannot decompress ({method}): {e}") from e
-    args = json.loads(body)[0]
-    envelopes = args[0] if args else []
-    return list(envelopes) if isinstance(envelopes, list) else [envelopes]
+    leases: dict[int, Lease] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    raws: dict[int, list[object]] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    rerouted: set[str] = field(default_factory=set)
+    alone: Delivery | None = None  # a redelivered message applied on its own
 
 
 class WorkerRuntime(OwnershipHooks):
@@ -105,18 +96,20 @@ class WorkerRuntime(OwnershipHooks):
         self.repo = repo or Repo(settings.database_url, pre_ping=False, timeouts=settings.timeouts)
         self.cache = StateCache(self.redis, settings)
         self.names = NameRegistry(self.redis, settings)
+        self.mailbox = Mailbox(self.broker, settings)
         self.activations = ActivationTable(settings.max_activations, settings.idle_timeout_s)
-        self.intensity = RestartIntensity()
-        self.applier = Applier(settings, self.entities, self.repo, self.activations, self.intensity)
+        self.supervisor = Supervisor()
+        self.applier = Applier(
+            settings, self.entities, self.repo, self.activations, self.supervisor
+        )
+        self.applier.on_progress = self._progress
+        self._batch_pulse: float | None = None  # last progress of the batch running, if any
+        self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
         self._producer: Any = None  # a Celery app to publish timer fires, made on first use
         self._add_queue = add_queue
         self._cancel_queue = cancel_queue
         self._settle = settle
-        self._drain = register(self.broker, "drain")
-        self._nonempty = register(self.broker, "nonempty")
-        self._restore = register(self.broker, "restore")
-        self._compare_delete = register(self.broker, "compare_delete")
         self.ownership = PartitionOwnership(
             self.redis,
             settings,
@@ -129,17 +122,11 @@ class WorkerRuntime(OwnershipHooks):
                 "static": list(static_partitions) if static_partitions else None,
             },
         )
-        # fault injection for the exactly-once tests: exit hard between commit and ack
-        self._crash_after = int(os.environ.get(FAULT_CRASH_AFTER_COMMIT, "0") or 0)
-        self._bench_latency_key = os.environ.get(BENCH_LATENCY_KEY) or None  # off by default
 
-    # --- keys ------------------------------------------------------------------------------
-
-    def inflight_key(self, partition: int) -> str:
-        return self.settings.redis_key("inflight", str(partition))
-
-    def lease_value(self, partition: int, token: int) -> str:
-        return f"{self.node_id}|{token}"
+    def lease(self, partition: int, token: int | None) -> Lease:
+        """The lease key and the value it holds while this node owns the partition."""
+        value = f"{self.node_id}|{token}" if token is not None else ""
+        return self.ownership.leases.lease_key(partition), value
 
     # --- ownership hooks (consumer loop) ---------------------------------------------------
 
@@ -159,7 +146,7 @@ class WorkerRuntime(OwnershipHooks):
                 partition, token, repo_fence,
             )
             raise
-        restored = self.restore(partition)
+        restored = self.mailbox.restore(partition)
         if restored:
             log.info(
                 "keyq restored %d message(s) to the head of partition %s node=%s",
@@ -167,37 +154,6 @@ class WorkerRuntime(OwnershipHooks):
                 partition,
                 self.node_id,
             )
-
-    def restore(self, partition: int) -> int:
-        """Put the previous owner's unacked and in-flight messages back at the queue head."""
-        queue = self.settings.queue_name(partition)
-        candidates: list[tuple[Any, dict[str, Any]]] = []
-        for tag, value in self.broker.hgetall(KOMBU_UNACKED).items():
-            try:
-                payload, _exchange, routing_key = json.loads(value)
-            except (ValueError, TypeError):
-                continue
-            if routing_key == queue:
-                candidates.append((tag, payload))
-        scores: list[float | None] = []
-        if candidates:
-            pipe = self.broker.pipeline(transaction=False)
-            for tag, _ in candidates:
-                pipe.zscore(KOMBU_UNACKED_INDEX, tag)
-            scores = pipe.execute()
-        ordered = sorted(zip(candidates, scores, strict=True), key=lambda cs: cs[1] or 0.0)
-        inflight = self.broker.lrange(self.inflight_key(partition), 0, -1)
-        args: list[Any] = [len(ordered)]
-        for (tag, payload), _score in ordered:
-            args.append(tag)
-            args.append(json.dumps(payload))
-        args.extend(inflight)
-        return int(
-            self._restore(
-                keys=[queue, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, self.inflight_key(partition)],
-                args=args,
-            )
-        )
 
     def start_consuming(self, partition: int) -> None:
         self._add_queue(self.settings.queue_name(partition))
@@ -212,12 +168,8 @@ class WorkerRuntime(OwnershipHooks):
         (the consumer loop is busy exactly when the depth matters)."""
         if not held:
             return
-        parts = sorted(held)
-        pipe = self.broker.pipeline(transaction=False)
-        for p in parts:
-            pipe.llen(self.settings.queue_name(p))
-        for p, depth in zip(parts, pipe.execute(), strict=True):
-            metrics.mailbox_depth.labels(str(p)).set(int(depth))
+        for p, depth in self.mailbox.depths(sorted(held)).items():
+            metrics.mailbox_depth.labels(str(p)).set(depth)
 
     def forget(self, partition: int) -> None:
         with contextlib.suppress(KeyError):
@@ -231,190 +183,298 @@ class WorkerRuntime(OwnershipHooks):
     def settle(self) -> bool:
         return self._settle()
 
-    def _lost_here(self, partition: int, queue: str, raw_message: dict[str, Any] | None) -> None:
-        """The partition moved on under this batch: stop consuming it now (not at the next
-        tick) and put the trigger message back at the head, since it may be acked before the
-        new owner's restore looks for it (a copy it did restore is skipped as a duplicate)."""
+    def _lost_here(self, partition: int) -> None:
+        """The partition moved on (or its messages cannot be moved now): stop consuming it at
+        once, not at the next tick. What sits in its in-flight list or in kombu's unacked
+        records stays there for the next owner's restore (or ours, after a new claim)."""
         self.ownership.mark_lost(partition)
         self.stop_consuming(partition)
-        self._return_to_head(queue, raw_message)
 
     # --- the task body ---------------------------------------------------------------------
 
-    def handle(self, queue: str, envelopes: object, raw_message: dict[str, Any] | None) -> None:
-        """Apply a delivered message of a partition plus what waits behind it, one commit."""
+    def handle(self, queue: str, message: dict[str, Any] | None) -> None:
+        """Apply a delivered message of a partition plus what waits behind it, one commit.
+        Never raises (Celery would drop the message): see the module docstring."""
         partition = partition_of_queue(self.settings, queue)
-        token = self.ownership.token(partition) if partition is not None else None
-        if partition is None or token is None:
-            self._return_to_head(queue, raw_message)
+        if partition is None:
+            self._misrouted(queue, message)
             return
-        raws: list[object] = list(envelopes) if isinstance(envelopes, list) else [envelopes]
-        drained = self._drain_more(queue, partition, token, raws)
-        if drained < 0:
-            self._lost_here(partition, queue, raw_message)
+        if not isinstance(message, dict):
+            log.error("keyq got no broker message to claim queue=%s node=%s", queue, self.node_id)
             return
-        others = self._drain_others(partition, self.settings.batch_max - len(raws))
-        if others and self._apply_with_others(partition, token, raws, drained, others):
-            return
-        started = time.perf_counter()
+        token = self.ownership.token(partition)
+        lease = self.lease(partition, token)
         try:
-            outcome = self.applier.apply(
-                partition, token, raws, keep_trying=lambda: self.ownership.token(partition) == token
-            )
-        except StaleWriteError as e:
-            self._lost_here(partition, queue, raw_message)
-            metrics.stale_writes.inc()
+            claimed = self.mailbox.claim(partition, lease, message)
+        except Exception as e:  # Redis down: the unacked record stays for a restore
             log.error(
-                "keyq write refused partition=%s token=%s node=%s: %s",
-                partition,
-                token,
-                self.node_id,
-                e,
+                "keyq could not claim a message partition=%s node=%s error=%s", partition,
+                self.node_id, e,
             )
-            return  # the new owner restored these messages; nothing of ours was written
-        except RepoError as e:
-            log.error(
-                "keyq gave up a batch: lease lost while the database was down "
-                "partition=%s node=%s: %s",
-                partition,
-                self.node_id,
-                e,
-            )
-            raise OwnershipError(f"partition {partition} lost during a Repo outage") from e
-        self._committed(partition, token, outcome, drained, started)
+            if token is not None:
+                self._lost_here(partition)
+            return
+        if claimed != 1:
+            if token is not None:  # the lease changed under us: the new owner restores
+                self._lost_here(partition)
+            if claimed == 0:
+                log.info(
+                    "keyq returned a message to the head of %s (not owned here) node=%s",
+                    queue,
+                    self.node_id,
+                )
+            return
+        assert token is not None  # claimed under our lease
+        batch = _Batch()
+        batch.leases[partition] = lease
+        batch.tokens[partition] = token
+        self._progress()
+        try:
+            self._run(partition, message, batch)
+        except RepoDataError as e:
+            if batch.alone is None or not self._dead_letter_alone(partition, batch, e):
+                self._abandon(batch, e)
+        except Exception as e:
+            self._abandon(batch, e)
+        finally:
+            self._batch_pulse = None
 
-    def _committed(
-        self, partition: int, token: int, outcome: BatchOutcome, drained: int, started: float
-    ) -> None:
-        """After a commit: record its duration, then cache, replies, registry, in-flight."""
-        metrics.commit_seconds.observe(time.perf_counter() - started)
-        if self._crash_after and outcome.applied:
-            self._crash_after -= 1
-            if self._crash_after == 0:
-                log.error("keyq fault injection: exiting after commit, before ack")
-                os._exit(137)
-        self._after_commit(partition, token, outcome, drained)
+    def _progress(self) -> None:
+        self._batch_pulse = time.monotonic()
 
-    def _drain_others(self, partition: int, room: int) -> dict[int, tuple[int, list[object], int]]:
+    def stalled(self) -> str | None:
+        """The progress watchdog (the heartbeat thread asks): a batch that has not moved on for
+        longer than any handler may run is stuck where the handler time limit cannot reach
+        (outside Python, a signal masked); the node must give up its leases."""
+        pulse = self._batch_pulse
+        if pulse is None:
+            return None
+        quiet = time.monotonic() - pulse
+        if quiet <= self.watchdog_limit_s:
+            return None
+        return f"no progress for {quiet:.1f}s (limit {self.watchdog_limit_s:g}s)"
+
+    def _run(self, partition: int, message: dict[str, Any], batch: _Batch) -> None:
+        raw = json.dumps(message).encode("utf-8")
+        trigger = decode_document(message, raw, PARTITION_TASKS, DISPATCH_TASK)
+        alone = trigger.deliveries > 0  # redelivered: applied alone, so poison stays alone
+        if alone:
+            batch.alone = trigger
+        self._take(partition, [trigger], batch)
+        room = self.settings.batch_max - len(batch.raws[partition])
+        if not alone and room > 0:
+            more = self.mailbox.drain(partition, batch.leases[partition], room)
+            if more is None:
+                self._lost_here(partition)
+                return
+            self._take(partition, [self._decode(m) for m in more], batch)
+        poison = self.mailbox.take_poison(partition, batch.leases[partition], POISON_PER_BATCH)
+        if poison is None:
+            self._lost_here(partition)
+            return
+        if poison:
+            self._take(partition, [self._decode(m) for m in poison], batch)
+        if not alone:
+            self._drain_others(partition, batch)
+        self._commit(batch)
+
+    def _decode(self, raw: bytes) -> Delivery:
+        """A raw message of a queue, in-flight or poison list. A poison-list message that reads
+        well here (Lua's JSON decoder refused an escape that Python accepts) is applied like any
+        other: its envelopes are checked one by one."""
+        return decode(raw, PARTITION_TASKS, DISPATCH_TASK)
+
+    def _take(self, partition: int, deliveries: Sequence[Delivery], batch: _Batch) -> None:
+        """Sort what came off a partition's queue: envelopes to apply, or dead letters."""
+        raws = batch.raws.setdefault(partition, [])
+        for d in deliveries:
+            if d.problem is not None:
+                batch.dead.append(
+                    _broker_dead_letter(
+                        partition, d, "undecodable", f"undecodable broker message: {d.problem}"
+                    )
+                )
+            elif d.deliveries >= self.settings.max_deliveries:
+                batch.dead.append(
+                    _broker_dead_letter(
+                        partition,
+                        d,
+                        "max-deliveries",
+                        f"delivered {d.deliveries} times without being applied (the process "
+                        f"died or the batch failed each time; KEYQ_MAX_DELIVERIES="
+                        f"{self.settings.max_deliveries})",
+                    )
+                )
+            else:
+                raws.extend(d.envelopes)
+                if d.rerouted:
+                    batch.rerouted.update(
+                        str(e.get("id")) for e in d.envelopes if isinstance(e, dict)
+                    )
+
+    def _drain_others(self, partition: int, batch: _Batch) -> None:
         """Cross-partition group commit: with room left in the batch, also take what waits in
         the other partitions this node holds (each into its own in-flight list, lease checked),
-        so a light load spread over many partitions costs one commit, not one per partition.
-        Returns partition -> (token, envelopes, broker messages taken)."""
+        so a light load spread over many partitions costs one commit, not one per partition."""
+        room = self.settings.batch_max - sum(len(r) for r in batch.raws.values())
         held = [(p, t) for p, t in self.ownership.held().items() if p != partition]
         if room <= 0 or not held:
-            return {}
-        found = self._nonempty(keys=[self.settings.queue_name(p) for p, _ in held])
-        waiting = [
-            (*held[int(i) - 1], int(n)) for i, n in zip(found[::2], found[1::2], strict=True)
-        ]
-        taken: dict[int, tuple[int, list[object], int]] = {}
-        for p, t, n in waiting:
+            return
+        tokens = dict(held)
+        for p, n in self.mailbox.waiting([p for p, _ in held]).items():
             if room <= 0:
                 break
-            if self.ownership.token(p) != t:
+            token = tokens[p]
+            if self.ownership.token(p) != token:
                 continue
-            raws: list[object] = []
-            more = self._drain(
-                keys=[
-                    self.settings.queue_name(p),
-                    self.inflight_key(p),
-                    self.ownership.leases.lease_key(p),
-                ],
-                args=[min(DRAIN_STEP, room, n), self.lease_value(p, t)],
-            )
-            for item in more or []:
-                try:
-                    raws.extend(decode_task_message(item))
-                except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raws.append({"error": f"undecodable broker message: {e}"})
-            if more:
-                taken[p] = (t, raws, len(more))
-                room -= len(raws)
-        return taken
+            lease = self.lease(p, token)
+            batch.leases[p] = lease
+            batch.tokens[p] = token
+            more = self.mailbox.drain(p, lease, min(n, room))
+            if more is None:
+                del batch.leases[p], batch.tokens[p]
+                self._lost_here(p)
+                continue
+            before = len(batch.raws.get(p, []))
+            self._take(p, [self._decode(m) for m in more], batch)
+            room -= max(1, len(batch.raws[p]) - before)
 
-    def _apply_with_others(
-        self,
-        partition: int,
-        token: int,
-        raws: list[object],
-        drained: int,
-        others: dict[int, tuple[int, list[object], int]],
-    ) -> bool:
-        """Apply this partition's batch with the others' in one commit. On a refused or failed
-        commit, put the others' messages back at their queue heads and return False: the
-        caller then applies this partition alone, on the usual path."""
-        batches = [(partition, token, raws)] + [(p, t, r) for p, (t, r, _) in others.items()]
+    def _commit(self, batch: _Batch) -> None:
+        parts = list(batch.leases)
         started = time.perf_counter()
         try:
             outcome = self.applier.apply_group(
-                batches,
-                keep_trying=lambda: all(self.ownership.token(p) == t for p, t, _ in batches),
+                [(p, batch.tokens[p], batch.raws.get(p, [])) for p in parts],
+                keep_trying=lambda: all(self.ownership.token(p) == batch.tokens[p] for p in parts),
+                dead_letters=batch.dead,
+                rerouted=frozenset(batch.rerouted),
             )
-        except (StaleWriteError, RepoError) as e:
-            log.warning(
-                "keyq cross-partition commit failed, applying partition %s alone node=%s: %s",
-                partition,
-                self.node_id,
-                e,
+        except StaleWriteError as e:
+            metrics.stale_writes.inc()
+            log.error("keyq write refused partitions=%s node=%s: %s", parts, self.node_id, e)
+            self._put_back(batch, bump=False)  # what is still ours goes back; the rest is restored
+            return
+        except RepoDataError:
+            raise  # the batch holds data the database refuses: abandon, count, isolate
+        except RepoError as e:
+            log.error(
+                "keyq gave up a batch: lease lost while the database was down "
+                "partitions=%s node=%s: %s", parts, self.node_id, e,
             )
-            for p, (t, _, _) in others.items():
-                if self.ownership.token(p) == t:  # a lost partition's new owner restores it
-                    self._restore(
-                        keys=[
-                            self.settings.queue_name(p),
-                            KOMBU_UNACKED,
-                            KOMBU_UNACKED_INDEX,
-                            self.inflight_key(p),
-                        ],
-                        args=[0, *self.broker.lrange(self.inflight_key(p), 0, -1)],
-                    )
-            return False
-        self._committed(partition, token, outcome, drained, started)
-        for p, (t, _, _) in others.items():
+            self._put_back(batch, bump=False)
+            return
+        metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._after_commit(outcome)
+        for p in parts:
             try:
-                self._compare_delete(
-                    keys=[self.ownership.leases.lease_key(p), self.inflight_key(p)],
-                    args=[self.lease_value(p, t)],
-                )
-            except redis.RedisError as e:
+                self.mailbox.settle(p, batch.leases[p])
+            except Exception as e:  # committed: a restore would only bring back duplicates
                 log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
+        self._count(outcome)
+
+    def _dead_letter_alone(self, partition: int, batch: _Batch, error: RepoDataError) -> bool:
+        """The database refused the data of a message applied alone: that message is the
+        culprit. Dead-letter it with the database's words now (no need to wait for
+        KEYQ_MAX_DELIVERIES); True when done."""
+        assert batch.alone is not None
+        culprit = batch.alone
+        for p in batch.leases:
+            self.activations.drop_partition(p)  # effects that never reached a commit
+        only = _Batch(leases=dict(batch.leases), tokens=dict(batch.tokens))
+        only.dead.append(_broker_dead_letter(partition, culprit, "data", str(error)))
+        try:
+            self._commit(only)
+        except Exception as e:
+            log.error("keyq could not dead-letter a refused message partition=%s: %s", partition, e)
+            return False
         return True
 
-    def _drain_more(self, queue: str, partition: int, token: int, raws: list[object]) -> int:
-        """Take more messages of the partition until the batch holds batch_max envelopes.
+    def _abandon(self, batch: _Batch, error: Exception) -> None:
+        """Something unplanned failed mid-batch: forget every in-memory effect of the batch and
+        put its messages back at their queue heads in order, each with its delivery count up
+        (from now on each is applied alone; the one that keeps failing ends dead-lettered)."""
+        log.error(
+            "keyq batch failed, its messages go back to their queue heads partitions=%s "
+            "node=%s error=%s: %s",
+            list(batch.leases),
+            self.node_id,
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        metrics.batches_abandoned.inc()
+        for p in batch.leases:
+            self.activations.drop_partition(p)  # effects that never reached a commit
+        self._put_back(batch, bump=True)
 
-        Broker messages may carry many envelopes (send_many), so drain in small steps and stop
-        as soon as the batch is full or the queue is empty. Returns the broker messages taken,
-        or -1 when the lease turned out not to be ours.
-        """
-        drained = 0
-        keys = [queue, self.inflight_key(partition), self.ownership.leases.lease_key(partition)]
-        while len(raws) < self.settings.batch_max:
-            step = min(DRAIN_STEP, self.settings.batch_max - len(raws))
-            more = self._drain(keys=keys, args=[step, self.lease_value(partition, token)])
-            if more is None:
-                return -1  # the lease is not ours any more (what we took, its owner restores)
-            for item in more:
-                drained += 1
-                try:
-                    raws.extend(decode_task_message(item))
-                except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raws.append({"error": f"undecodable broker message: {e}"})
-            if not more or len(more) < step:
-                break
-        return drained
+    def _put_back(self, batch: _Batch, *, bump: bool) -> None:
+        for p, lease in batch.leases.items():
+            try:
+                moved = self.mailbox.requeue(p, lease, bump=bump)
+            except Exception as e:  # Redis down: the in-flight list waits for a restore
+                log.error("keyq could not requeue partition=%s node=%s: %s", p, self.node_id, e)
+                moved = -1
+            if moved < 0:
+                self._lost_here(p)
 
-    def _after_commit(
-        self, partition: int, token: int, outcome: BatchOutcome, drained: int
-    ) -> None:
-        committed_at = time.time()
+    # --- messages on a queue that is not their partition's ----------------------------------
+
+    def _misrouted(self, queue: str, message: dict[str, Any] | None) -> None:
+        """A keyq.dispatch on a queue that is no partition's (the default queue: `celery call`
+        without --queue): each envelope moves once to its key's partition; what cannot, or
+        arrives misrouted a second time, is dead-lettered. Celery then acks it here."""
+        if not isinstance(message, dict):
+            log.error("keyq got no broker message to re-route queue=%s", queue)
+            return
+        raw = json.dumps(message).encode("utf-8")
+        delivery = decode_document(message, raw, DEFAULT_QUEUE_TASKS, DISPATCH_TASK)
+        dead: list[DeadLetter] = []
+        groups: dict[int, list[object]] = {}
+        if delivery.problem is not None or delivery.rerouted:
+            why = delivery.problem or f"arrived on {queue} again after it was re-routed once"
+            dead.append(_broker_dead_letter(-1, delivery, "misrouted", why, message))
+        else:
+            for env in delivery.envelopes:
+                target = self._partition_of(env)
+                if target is None:
+                    dead.append(
+                        _broker_dead_letter(
+                            -1, delivery, "misrouted", f"no valid key to route by on {queue}",
+                            env,
+                        )
+                    )
+                else:
+                    groups.setdefault(target, []).append(env)
+        for target, envs in groups.items():
+            self._send(target, envs, rerouted=True)
+        if dead:
+            self.repo.record_dead_letters(dead)
+            for dl in dead:
+                metrics.dead_letters.labels(dl.reason).inc()
+        log.warning(
+            "keyq re-routed a message from %s partitions=%s dead_lettered=%d message_id=%s",
+            queue, sorted(groups), len(dead), delivery.message_id,
+        )
+
+    def _partition_of(self, envelope: object) -> int | None:
+        key = envelope.get("key") if isinstance(envelope, dict) else None
+        if not isinstance(key, str) or not key:
+            return None
+        try:
+            return partition_for(key, self.settings.partitions)
+        except UnicodeEncodeError:
+            return None
+
+    def _after_commit(self, outcome: BatchOutcome) -> None:
+        """Cache, replies, registry and re-routes of a committed batch. None of it may undo the
+        commit: a failure here is logged (the reconciler heals the cache; a caller times out)."""
+        try:
+            for target, envs in _by_partition(outcome.reroutes).items():
+                self._send(target, [e.to_wire() for e in envs], rerouted=True)
+        except Exception as e:
+            log.error("keyq could not re-route %d message(s): %s", len(outcome.reroutes), e)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            if self._bench_latency_key and outcome.sent:
-                pipe.rpush(
-                    self._bench_latency_key,
-                    *(f"{p} {committed_at:.6f} {committed_at - s:.6f}" for p, s in outcome.sent),
-                )
             self.cache.put_many(outcome.cache_entries, pipe=pipe)
             for message_id, encoded in outcome.replies:
                 reply_key = self.settings.redis_key("reply", message_id)
@@ -433,18 +493,11 @@ class WorkerRuntime(OwnershipHooks):
             gone = [a.id for a in outcome.evicted if a.id not in self.activations]
             self.names.release_many(pipe, gone, self.node_id)
             pipe.execute()
-        except redis.RedisError as e:
+        except Exception as e:
             # the state is committed; the reconciler repairs the cache, callers time out
-            log.error("keyq post-commit Redis writes failed partition=%s: %s", partition, e)
-        if drained:
-            try:
-                self._compare_delete(
-                    keys=[self.ownership.leases.lease_key(partition), self.inflight_key(partition)],
-                    args=[self.lease_value(partition, token)],
-                )
-            except redis.RedisError as e:
-                log.error("keyq could not clear in-flight list partition=%s: %s", partition, e)
-        self._count(outcome)
+            log.error(
+                "keyq post-commit Redis writes failed partition=%s: %s", outcome.partition, e
+            )
 
     def _count(self, outcome: BatchOutcome) -> None:
         n = outcome.applied + outcome.rejected + outcome.crashed
@@ -466,18 +519,6 @@ class WorkerRuntime(OwnershipHooks):
         metrics.activations.set(len(self.activations))
         if outcome.applied:
             metrics.messages_applied.labels("all").inc(outcome.applied)
-
-    def _return_to_head(self, queue: str, raw_message: dict[str, Any] | None) -> None:
-        """A message for a partition this node does not hold: back to the head, untouched."""
-        if raw_message is None:
-            log.error("keyq dropped a message it cannot return queue=%s", queue)
-            return
-        self.broker.rpush(queue, json.dumps(raw_message))
-        log.info(
-            "keyq returned a message to the head of %s (not owned here) node=%s",
-            queue,
-            self.node_id,
-        )
 
     # --- housekeeping (consumer loop) ------------------------------------------------------
 
@@ -507,15 +548,66 @@ class WorkerRuntime(OwnershipHooks):
                 self.timers.tick(held)
             except Exception as e:  # the next tick tries again; nothing was marked published
                 log.error("keyq timer poll failed node=%s error=%s", self.node_id, e)
+            self._dead_letter_poison(held)
+
+    def _dead_letter_poison(self, held: dict[int, int]) -> None:
+        """Dead-letter what the fetch refused on held partitions that receive nothing else
+        (a busy partition's batches take it along)."""
+        try:
+            waiting = self.mailbox.poison_waiting(sorted(held))
+        except Exception as e:
+            log.error("keyq could not look for poison node=%s error=%s", self.node_id, e)
+            return
+        for partition in waiting:
+            token = held[partition]
+            batch = _Batch()
+            batch.leases[partition] = self.lease(partition, token)
+            batch.tokens[partition] = token
+            try:
+                taken = self.mailbox.take_poison(
+                    partition, batch.leases[partition], POISON_PER_BATCH
+                )
+                if taken is None:
+                    continue  # not ours any more
+                self._take(partition, [self._decode(m) for m in taken], batch)
+                self._commit(batch)
+            except Exception as e:
+                self._abandon(batch, e)
+        if 0 in held:  # the default queue has no partition: partition 0's owner cleans it
+            self._dead_letter_default_poison(held[0])
+
+    def _dead_letter_default_poison(self, token: int) -> None:
+        queue = default_queue(self.settings)
+        batch = _Batch()
+        batch.leases[0] = self.lease(0, token)
+        batch.tokens[0] = token
+        try:
+            if not self.mailbox.poison_length(queue):
+                return
+            taken = self.mailbox.take_poison(0, batch.leases[0], POISON_PER_BATCH, queue)
+            for raw in taken or []:
+                d = decode(raw, DEFAULT_QUEUE_TASKS, DISPATCH_TASK)
+                why = d.problem or "refused at fetch"
+                batch.dead.append(
+                    _broker_dead_letter(-1, d, "undecodable", f"on {queue}: {why}")
+                )
+            if taken:
+                self._commit(batch)
+        except Exception as e:
+            self._abandon(batch, e)
 
     def _publish_fires(self, envelopes: Sequence[Envelope]) -> None:
         """Publish timer fires of one partition at its queue's tail, as one broker message."""
+        self._send(envelopes[0].partition, [e.to_wire() for e in envelopes])
+
+    def _send(self, partition: int, envelopes: list[object], rerouted: bool = False) -> None:
         if self._producer is None:
-            self._producer = make_app(self.settings, name="keyq-timers")
+            self._producer = make_app(self.settings, name="keyq-worker")
         self._producer.send_task(
             DISPATCH_TASK,
-            args=[[e.to_wire() for e in envelopes]],
-            queue=self.settings.queue_name(envelopes[0].partition),
+            args=[envelopes],
+            queue=self.settings.queue_name(partition),
+            headers={REROUTED_HEADER: True} if rerouted else None,
         )
 
     def _on_passivate(self, act: Activation) -> None:
@@ -541,3 +633,43 @@ class WorkerRuntime(OwnershipHooks):
             self._producer.close()
         self.repo.dispose()
         self.redis.close()
+
+
+def watchdog_limit(settings: Settings, entities: EntityRegistry) -> float:
+    """How long a batch may go without progress: twice the longest handler limit, plus slack
+    (0 limits mean no handler limit: then twice the worker's default)."""
+    limits = [settings.max_handler_seconds] + [
+        entities.get(name).instance.supervision(settings.supervision).max_handler_seconds
+        for name in entities.names()
+    ]
+    longest = max((x for x in limits if x > 0), default=settings.max_handler_seconds or 30.0)
+    return 2.0 * longest + WATCHDOG_SLACK_S
+
+
+def _by_partition(envelopes: Sequence[Envelope]) -> dict[int, list[Envelope]]:
+    out: dict[int, list[Envelope]] = {}
+    for env in envelopes:
+        out.setdefault(env.partition, []).append(env)
+    return out
+
+
+def _broker_dead_letter(
+    partition: int, d: Delivery, reason: str, problem: str, envelope: object = None
+) -> DeadLetter:
+    """A dead letter for a broker message (or one envelope of it) that was never applied."""
+    doc = envelope if isinstance(envelope, dict) else (
+        d.envelopes[0] if len(d.envelopes) == 1 and isinstance(d.envelopes[0], dict) else {}
+    )
+    return DeadLetter(
+        message_id=str(doc.get("id") or d.message_id or ""),
+        entity=str(doc.get("entity") or ""),
+        key=str(doc.get("key") or ""),
+        op=str(doc.get("op") or ""),
+        partition=partition,
+        envelope=None,
+        reason=reason,
+        error_type="MalformedMessageError",
+        error_message=problem,
+        raw=d.raw_b64 if d.raw else None,
+        deliveries=d.deliveries,
+    )

@@ -91,3 +91,42 @@ class Beacon(Entity):
     @handler
     def ping(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
         return {"pings": state["pings"] + 1}, state["pings"] + 1
+
+
+class Pill(Entity):
+    """A poison pill: `see` appends like the sequence, but the payload "die" ends the process
+    that applies it (os._exit), wherever it is delivered."""
+
+    name = "pill"
+    initial_state: dict[str, Any] = {"seen": []}
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        if payload == "die":
+            os._exit(3)
+        seen = [*state["seen"], payload]
+        return {"seen": seen}, len(seen)
+
+
+class Spinner(Entity):
+    """`see` appends, but the payload "spin" loops forever: the handler time limit must stop it."""
+
+    name = "spinner"
+    initial_state: dict[str, Any] = {"seen": []}
+    max_handler_seconds = 2.0
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        while payload == "spin":
+            pass
+        seen = [*state["seen"], payload]
+        return {"seen": seen}, len(seen)
+
+    @handler
+    def stuck(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        """Spins with SIGALRM ignored: out of the time limit's reach, as native code would be."""
+        import signal
+
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        while True:
+            pass

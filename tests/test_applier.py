@@ -4,6 +4,7 @@ never leak half-made state, and a bad message is dead-lettered without stopping 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from keyq.errors import Rejected, StaleWriteError
 from keyq.repo import Repo
 from keyq.routing import partition_for
 from keyq.settings import Settings
-from keyq.supervisor import RestartIntensity, backoff_delay
+from keyq.supervisor import Supervisor
 
 PARTITIONS = 8
 MODULES = ("keyq.examples", "tests.entities", "tests.test_applier")
@@ -77,7 +78,7 @@ class Harness:
             self.registry,
             self.repo,
             ActivationTable(1000, 300.0),
-            RestartIntensity(),
+            Supervisor(rng=random.Random(7)),
             sleep=self.sleeps.append,
         )
 
@@ -192,7 +193,10 @@ def test_crash_restarts_from_repo_then_dead_letters_and_later_messages_apply(h: 
     out = h.apply([h.env("flaky", "f", "inc"), boom, h.env("flaky", "f", "inc")])
     # Flaky allows 2 restarts: 3 attempts, then the dead-letter table
     assert (out.applied, out.crashed, out.restarts) == (2, 1, 2)
-    assert h.sleeps == [backoff_delay(1), backoff_delay(2)]
+    policy = h.settings.supervision
+    assert len(h.sleeps) == 2  # exponential, with jitter, within the policy's bounds
+    assert policy.backoff_min_s * 0.8 <= h.sleeps[0] <= policy.backoff_min_s * 1.2
+    assert policy.backoff_min_s * 1.6 <= h.sleeps[1] <= policy.backoff_min_s * 2.4
     assert h.state("flaky", "f") == {"n": 3, "junk": []}  # the corruption never stuck
     [dl] = h.repo.dead_letters(entity="flaky", key="f")
     assert (dl.message_id, dl.reason, dl.op, dl.attempts) == (
@@ -213,12 +217,17 @@ def test_crash_restarts_from_repo_then_dead_letters_and_later_messages_apply(h: 
     assert len(h.repo.dead_letters()) == 1
 
 
-def test_restart_intensity_is_shared_by_an_entity_type(h: Harness) -> None:
-    out = h.apply([h.env("flaky", "x", "boom", 1), h.env("flaky", "x", "boom", 2)])
-    # the first message uses up the 2 restarts of the window; the second is dead at once
-    assert (out.crashed, out.restarts) == (2, 2)
+def test_restart_intensity_is_counted_per_key(h: Harness) -> None:
+    """OTP counts restarts per child: a key that used up its budget does not use up another's."""
+    x, y = key_on(3, "x"), key_on(3, "y")
+    out = h.apply(
+        [h.env("flaky", x, "boom", 1), h.env("flaky", x, "boom", 2), h.env("flaky", y, "boom", 3)]
+    )
+    # x's first message uses up x's 2 restarts of the window; x's second is dead at once;
+    # y has a budget of its own
+    assert (out.crashed, out.restarts) == (3, 4)
     attempts = {d.error_message: d.attempts for d in h.repo.dead_letters()}
-    assert attempts == {"boom 1": 3, "boom 2": 1}
+    assert attempts == {"boom 1": 3, "boom 2": 1, "boom 3": 3}
 
 
 def test_handler_returning_non_json_state_is_dead_lettered(h: Harness) -> None:
@@ -241,7 +250,6 @@ def test_handler_not_returning_a_pair_is_dead_lettered(h: Harness) -> None:
 def malformed_cases(h: Harness, p: int) -> list[tuple[Any, str, str]]:
     """(raw envelope, reason, words of the error) for partition p."""
     good = h.env("sequence", key_on(p), "see", "x")
-    other = h.env("sequence", key_on((p + 1) % PARTITIONS), "see", "x")
     missing_key = {k: v for k, v in good.items() if k != "key"}
     return [
         ("a string", "malformed", "must be a JSON object, got str"),
@@ -254,7 +262,6 @@ def malformed_cases(h: Harness, p: int) -> list[tuple[Any, str, str]]:
         ({**good, "id": "d2", "op": ""}, "malformed", "'op' must be a non-empty string"),
         ({**good, "id": "d3", "key": ""}, "malformed", "key must not be empty"),
         ({**good, "id": "d4", "partition": (p + 1) % PARTITIONS}, "malformed", "does not match"),
-        ({**other, "id": "d5"}, "malformed", f"arrived on partition {p}"),
         ({**good, "id": "d6", "entity": "nope"}, "unknown", "unknown entity 'nope'"),
         ({**good, "id": "d7", "op": "initial"}, "unknown", "no operation 'initial'"),
     ]
@@ -285,6 +292,18 @@ def test_malformed_envelopes_are_dead_lettered_and_the_rest_of_the_batch_applies
             "UnknownOperationError",
         )
     assert letters[0].envelope == "a string" and letters[4].envelope == {"bad": 1}
+
+
+def test_envelope_of_another_partition_is_rerouted_once_then_dead_lettered(h: Harness) -> None:
+    p = 5
+    stray = h.env("sequence", key_on((p + 1) % PARTITIONS), "see", "x")
+    out = h.apply([stray], partition=p)
+    assert [e.id for e in out.reroutes] == [stray["id"]] and out.applied == 0
+    assert h.repo.dead_letters() == []
+    again = h.applier.apply_group([(p, 1, [stray])], rerouted=frozenset({stray["id"]}))
+    assert again.reroutes == [] and again.malformed == 1
+    [dl] = h.repo.dead_letters()
+    assert dl.reason == "malformed" and "again after it was re-routed" in dl.error_message
 
 
 def test_malformed_message_waiting_for_a_reply_gets_a_refusal(h: Harness) -> None:
@@ -334,13 +353,14 @@ def test_nul_characters_never_reach_the_database(h: Harness) -> None:
     long_id = {**h.env("journal", key, "append", "x"), "id": "i" * 129}
     batch = [nul_payload, nul_key, nul_entity, nul_id, long_id, good]
     out = h.apply(batch, partition=6)
-    assert (out.applied, out.crashed, out.malformed) == (1, 1, 4)
+    # the NUL payload is refused where it enters now, before the handler (it used to crash it)
+    assert (out.applied, out.crashed, out.malformed) == (1, 0, 5)
     assert h.state("journal", key) == {"items": ["x"]}
     letters = {d.message_id: d for d in h.repo.dead_letters()}
     assert len(letters) == 5
-    crashed = letters[nul_payload["id"]]
-    assert crashed.reason == "crashed" and "NUL" in crashed.error_message
-    assert crashed.envelope["payload"] == "a\\u0000b"  # kept, spelled out
+    refused = letters[nul_payload["id"]]
+    assert refused.reason == "malformed" and "NUL" in refused.error_message
+    assert refused.envelope["payload"] == "a\\u0000b"  # kept, spelled out
     assert letters["i\\x00d"].reason == "malformed"
     assert letters["ne"].reason == "unknown" and letters["ne"].entity == "jour\\x00nal"
     assert letters["i" * 128].reason == "malformed"

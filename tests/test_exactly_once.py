@@ -11,9 +11,10 @@ import pytest
 import redis
 
 from keyq.client import Client
+from keyq.mailbox import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
 from keyq.repo import Repo
 from keyq.settings import Settings
-from keyq.worker import FAULT_CRASH_AFTER_COMMIT, KOMBU_UNACKED, KOMBU_UNACKED_INDEX
+from tests import faults
 from tests.conftest import WorkerFactory, poll
 
 pytestmark = pytest.mark.integration
@@ -61,9 +62,14 @@ def test_messages_are_applied_once_after_a_crash_between_commit_and_ack(
     # all queued before the worker starts, so its first task drains a batch into in-flight
     for n in range(per_key):
         client.send_many("sequence", [(k, "see", n) for k in keys])
-    doomed = start_worker(wait=False, env={FAULT_CRASH_AFTER_COMMIT: "1"})
+    doomed = start_worker(
+        wait=False,
+        env={
+            faults.FAULTS_ENV: "exit-after-commit=1",
+            "KEYQ_ENTITY_MODULES": f"keyq.examples,tests.entities,{faults.MODULE}",
+        },
+    )
     assert doomed.proc.wait(30) == 137, doomed.log()[-3000:]
-    assert "keyq fault injection: exiting after commit, before ack" in doomed.log()
 
     # the crash left committed work whose trigger is unacked and whose drained batch is in flight
     committed = {k: seen(client, k) for k in keys}

@@ -12,15 +12,16 @@ import pytest
 import redis
 
 from keyq import metrics
+from keyq.celery_app import DISPATCH_TASK
 from keyq.client import Client
 from keyq.envelope import ACTIVATE_OP, make_system_envelope, parse_envelope
 from keyq.errors import MalformedMessageError, UnknownOperationError
+from keyq.mailbox import decode
 from keyq.ownership import Membership
 from keyq.reconciler import Reconciler
 from keyq.repo import Repo
 from keyq.routing import partition_for
 from keyq.settings import Settings
-from keyq.worker import decode_task_message
 from tests.conftest import ROOT, WorkerFactory, poll, settings_env
 from tests.test_cache import seed
 
@@ -167,7 +168,7 @@ def test_always_on_activations_are_bounded_per_run(
         env
         for p in range(settings.partitions)
         for raw in redis_client.lrange(settings.queue_name(p), 0, -1)
-        for env in decode_task_message(raw)
+        for env in decode(raw, (DISPATCH_TASK,), DISPATCH_TASK).envelopes
     ]
     assert sorted(e["key"] for e in envelopes) == [f"b{i}" for i in range(5)]
     assert all(e["op"] == "keyq.activate" and e["system"] is True for e in envelopes)

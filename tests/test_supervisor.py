@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import urllib.request
@@ -10,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from keyq.client import Client
-from keyq.entity import RestartPolicy
-from keyq.errors import HandlerCrashedError
+from keyq.errors import HandlerCrashedError, HandlerTimeoutError
 from keyq.repo import Repo, StateWrite
 from keyq.routing import partition_for
 from keyq.settings import Settings
-from keyq.supervisor import RestartIntensity, backoff_delay
+from keyq.supervisor import (
+    SupervisionPolicy,
+    Supervisor,
+    backoff_delay,
+    time_limit,
+)
 from tests.conftest import SUPERVISED_ENTITY_MODULES, WorkerFactory, WorkerProcess, poll
 from tests.supervised_entities import LIFECYCLE_LOG
 
@@ -170,18 +175,47 @@ def test_always_failing_handler_does_not_stall_its_partition(
     assert [d.attempts for d in dead].count(1) >= 10
 
 
-def test_restart_intensity_allows_max_restarts_per_window_per_entity_type() -> None:
+POLICY = SupervisionPolicy(
+    max_restarts=2, within_seconds=5.0, backoff_min_s=0.1, backoff_max_s=2.0, max_handler_seconds=0
+)
+
+
+def test_restart_intensity_allows_max_restarts_per_window_per_key() -> None:
     now = [100.0]
-    intensity = RestartIntensity(clock=lambda: now[0])
-    policy = RestartPolicy(max_restarts=2, within_seconds=5.0)
-    assert intensity.allow("a", policy) and intensity.allow("a", policy)
-    assert not intensity.allow("a", policy)  # a third restart within 5 s is refused
-    assert intensity.allow("b", policy)  # another entity type has its own budget
+    sup = Supervisor(clock=lambda: now[0], rng=random.Random(1))
+    boom = ValueError("boom")
+    assert sup.on_crash("e", "a", 1, POLICY, boom).restart
+    assert sup.on_crash("e", "a", 2, POLICY, boom).restart
+    third = sup.on_crash("e", "a", 3, POLICY, boom)
+    assert not third.restart and third.reason == "crashed"  # a third restart within 5 s
+    assert sup.on_crash("e", "b", 1, POLICY, boom).restart  # another key has its own budget
     now[0] += 5.1
-    assert intensity.allow("a", policy)  # the window slid past the old restarts
-    assert intensity.total == {"a": 3, "b": 1}
+    assert sup.on_crash("e", "a", 1, POLICY, boom).restart  # the window slid past
+    assert sup.total == {"e": 4}
 
 
-def test_backoff_grows_and_is_capped() -> None:
-    delays = [backoff_delay(n) for n in range(1, 12)]
-    assert delays == sorted(delays) and delays[0] > 0 and max(delays) <= 0.5
+def test_a_handler_past_its_time_limit_is_not_restarted() -> None:
+    decision = Supervisor().on_crash("e", "k", 1, POLICY, HandlerTimeoutError("too long"))
+    assert not decision.restart and decision.reason == "timeout"
+
+
+def test_backoff_grows_with_jitter_between_the_configured_bounds() -> None:
+    rng = random.Random(3)
+    delays = [backoff_delay(n, POLICY, rng) for n in range(1, 12)]
+    assert 0.08 <= delays[0] <= 0.12 and max(delays) <= POLICY.backoff_max_s
+    assert delays[3] > delays[0] * 4  # exponential: 0.8 s against 0.1 s, jitter aside
+    assert len(set(delays[6:])) > 1  # capped waits are spread by jitter, not in lockstep
+    defaults = Settings().supervision
+    waited = sum(backoff_delay(n, defaults, random.Random(0)) for n in range(1, 11))
+    assert waited > 10.0  # the defaults ride out a 10 s outage within the restart budget
+    assert defaults.max_restarts >= 10 and defaults.within_seconds > waited
+
+
+def test_time_limit_interrupts_a_spinning_handler() -> None:
+    import time as _time
+
+    started = _time.monotonic()
+    with pytest.raises(HandlerTimeoutError, match=r"limit of 0\.2s"), time_limit(0.2, "spin"):
+        while True:
+            pass
+    assert _time.monotonic() - started < 5.0

@@ -152,14 +152,21 @@ def test_a_fetched_message_is_recorded_unacked_before_the_worker_reads_it(
     the pop leaves the message in `unacked`, where the next owner's restore finds it."""
     from kombu import Connection, Consumer, Producer, Queue
 
+    from keyq.celery_app import DISPATCH_TASK
     from keyq.transport import wake_key
 
     name = settings.queue_name(0)
     queue = Queue(name, routing_key=name)
     with Connection(settings.broker_url, transport="keyq.transport:Transport") as conn:
         producer = Producer(conn.channel())
-        for i in range(3):
-            producer.publish({"i": i}, routing_key=name, declare=[queue], serializer="json")
+        for i in range(3):  # keyq.dispatch in Celery's format: anything else is quarantined
+            producer.publish(
+                [[[{"i": i}]], {}, {}],
+                routing_key=name,
+                declare=[queue],
+                serializer="json",
+                headers={"task": DISPATCH_TASK, "id": f"m{i}"},
+            )
         assert redis_client.llen(wake_key(name)) == 1, "one wake token, however many messages"
         channel = conn.channel()
         got: list[object] = []
@@ -170,4 +177,4 @@ def test_a_fetched_message_is_recorded_unacked_before_the_worker_reads_it(
         assert redis_client.hlen("unacked") == 1 and redis_client.zcard("unacked_index") == 1
         assert got == [], "the worker has not read the reply: a kill now would lose nothing"
         conn.drain_events(timeout=5)
-        assert got == [{"i": 0}]
+        assert got == [[[[{"i": 0}]], {}, {}]]

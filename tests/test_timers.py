@@ -15,7 +15,7 @@ from keyq.context import NoHandlerContextError, current
 from keyq.entity import EntityRegistry
 from keyq.envelope import Envelope, TimerRef
 from keyq.errors import HandlerCrashedError, ValidationError
-from keyq.repo import Repo, StateWrite, TimerRow
+from keyq.repo import Repo, StateWrite, TimerDelete, TimerRow
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from keyq.timers import FireDecision, TimerPoller, decide, fire_message_id
@@ -229,6 +229,42 @@ def test_poller_publishes_a_bounded_batch_per_tick_and_republishes_same_ids(
         clock[0] += 6.0  # never applied (lost?): published again, with the same ids
         again = [e.id for _ in range(3) if poller.tick(range(8)) for e in published[-1]]
         assert set(ids) >= set(again) and poller.tick([99]) == 0  # only held partitions
+    finally:
+        repo.dispose()
+
+
+def test_poller_drains_a_backlog_larger_than_its_in_flight_limit(sup_settings: Settings) -> None:
+    """Timers never stop under a backlog: once the in-flight set is full and its fires are
+    applied, the next ticks publish the rest (the poller used to return before pruning)."""
+    repo = Repo(sup_settings.database_url)
+    try:
+        rows = [
+            TimerRow("ticker", f"b{i}", "t", f"{i:032d}", i % 8, 1000 + i, "tick")
+            for i in range(120)
+        ]
+        repo.commit(0, 1, [], timers=rows)
+        published: list[Envelope] = []
+        poller = TimerPoller(
+            repo,
+            published.extend,
+            fires_per_tick=15,
+            max_in_flight=30,
+            republish_after_s=3600.0,
+            clock=lambda: 10.0,
+        )
+        for _ in range(40):
+            if poller.tick(range(8)) == 0 and len(published) == len(rows):
+                break
+            # the worker applies what was published: each fire consumes its timer row
+            applied = [e for e in published if e.timer is not None]
+            repo.commit(
+                0,
+                1,
+                [],
+                timers=[TimerDelete(e.entity, e.key, e.timer.name) for e in applied if e.timer],
+            )
+        assert sorted(e.key for e in published) == sorted(r.key for r in rows)  # once each
+        assert poller.in_flight() == 0
     finally:
         repo.dispose()
 

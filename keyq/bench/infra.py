@@ -14,6 +14,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from keyq.mailbox import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KOMBU_UNACKED_MUTEX, drop_unacked
 from keyq.repo import Repo, normalize_url
 from keyq.settings import Settings
 
@@ -21,9 +22,9 @@ BENCH_ENTITY_MODULES = ("keyq.examples",)  # the counter entity is the benchmark
 # kombu keys that are not named after a queue; removed when nothing else is left in the database
 KOMBU_BOOKKEEPING = frozenset(
     {
-        "unacked",
-        "unacked_index",
-        "unacked_mutex",
+        KOMBU_UNACKED,
+        KOMBU_UNACKED_INDEX,
+        KOMBU_UNACKED_MUTEX,
         "_kombu.binding_deadlines",
         "_kombu.binding.celery.pidbox",
         "_kombu.binding.reply.celery.pidbox",
@@ -109,13 +110,7 @@ def clean_redis(redis_url: str, namespace: str) -> int:
         batch = list(client.scan_iter(match=f"*{namespace}*", count=1000))
         for start in range(0, len(batch), 500):
             deleted += int(client.delete(*batch[start : start + 500]))
-        ours = []
-        for tag, value in client.hgetall("unacked").items():
-            if namespace.encode() in value:
-                ours.append(tag)
-        if ours:
-            client.hdel("unacked", *ours)
-            client.zrem("unacked_index", *ours)
+        drop_unacked(client, namespace)
         left = {k.decode() if isinstance(k, bytes) else str(k) for k in client.scan_iter()}
         if left and left <= KOMBU_BOOKKEEPING:  # only what our workers' kombu left behind
             deleted += int(client.delete(*left))

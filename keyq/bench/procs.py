@@ -15,8 +15,8 @@ from pathlib import Path
 
 import redis
 
+from keyq.bench.latency_hook import BENCH_LATENCY_KEY, HOOK_MODULE
 from keyq.settings import Settings
-from keyq.worker import BENCH_LATENCY_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_TIMEOUT_S = 15.0
@@ -43,6 +43,8 @@ def keyq_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[st
     env = dict(os.environ)
     env.update(settings.to_env())
     env[BENCH_LATENCY_KEY] = latency_key(settings)
+    # the latency hook is injected into the workers as one more module to import
+    env["KEYQ_ENTITY_MODULES"] = ",".join((*settings.entity_modules, HOOK_MODULE))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env.update(extra or {})
     return env

@@ -34,7 +34,8 @@ from keyq.bench.procs import (
 )
 from keyq.bench.stats import ZipfSampler, latency_summary_ms
 from keyq.client import Client
-from keyq.ownership import Leases, assignment
+from keyq.cluster import Leases, assignment
+from keyq.mailbox import Mailbox, unacked_records
 from keyq.repo import Repo, state_table
 from keyq.routing import partition_for
 from keyq.settings import Settings
@@ -98,6 +99,7 @@ class Bench:
         self.workers = workers
         self.loglevel = loglevel
         self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.mailbox = Mailbox(self.redis, self.settings)
         self.client = Client(self.settings)
         self.celery_queue = f"{self.settings.namespace}.celery"
         self.celery_app = make_noop_app(self.settings.broker_url, self.settings.redis_url)
@@ -173,7 +175,7 @@ class Bench:
         def drained() -> bool:
             if self.redis.llen(self.celery_queue):
                 return False
-            return not any(self.celery_queue.encode() in v for v in self.redis.hvals("unacked"))
+            return not unacked_records(self.redis, self.celery_queue)
 
         while not drained():
             _check_alive(procs)
@@ -451,7 +453,7 @@ class Bench:
         pipe = self.redis.pipeline(transaction=False)
         for p in victim_parts:
             pipe.llen(self.settings.queue_name(p))
-            pipe.llen(self.settings.redis_key("inflight", str(p)))
+            pipe.llen(self.mailbox.inflight_key(p))
         depths = pipe.execute()
         return {
             "applied_total": self.counter_total(),

@@ -1,0 +1,5 @@
+import sys
+
+from keyq.chaos.run import main
+
+sys.exit(main())

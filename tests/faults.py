@@ -1,0 +1,95 @@
+"""Fault injection for worker subprocesses, from outside the product's code.
+
+A test lists this module in the worker's KEYQ_ENTITY_MODULES and sets KEYQ_TEST_FAULTS; on import
+it wraps the named methods so that the worker fails exactly where the test wants:
+
+- ``exit-after-commit=N``: the process exits hard (os._exit) after its Nth committed batch that
+  applied something, before anything else of that batch (cache, replies, in-flight, ack).
+- ``Class.method=N`` (Class in Mailbox, Repo, StateCache, Applier, WorkerRuntime, NameRegistry):
+  the Nth call of that method raises RuntimeError("injected fault ..."), once.
+- ``Class.method=N:exit``: the Nth call exits the process hard instead.
+- ``refuse-state=TEXT``: the database "refuses" any commit writing a state whose JSON holds
+  TEXT (Repo.commit raises RepoDataError, as for a constraint or encoding error).
+
+Several faults are separated by commas.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from keyq.applier import Applier, BatchOutcome
+from keyq.cache import StateCache
+from keyq.errors import RepoDataError
+from keyq.mailbox import Mailbox
+from keyq.registry import NameRegistry
+from keyq.repo import Repo
+from keyq.worker import WorkerRuntime
+
+FAULTS_ENV = "KEYQ_TEST_FAULTS"
+MODULE = __name__
+_CLASSES: dict[str, type] = {
+    c.__name__: c for c in (Mailbox, Repo, StateCache, Applier, WorkerRuntime, NameRegistry)
+}
+
+
+def _exit_after_commit(n: int) -> None:
+    original = WorkerRuntime._after_commit
+    left = {"n": n}
+
+    def after_commit(self: WorkerRuntime, outcome: BatchOutcome) -> None:
+        if outcome.applied:
+            left["n"] -= 1
+            if left["n"] == 0:
+                os._exit(137)
+        original(self, outcome)
+
+    WorkerRuntime._after_commit = after_commit  # type: ignore[method-assign]
+
+
+def _fail_on_call(cls: type, name: str, n: int, how: str) -> None:
+    original = getattr(cls, name)
+    calls = {"n": 0}
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == n:
+            if how == "exit":
+                os._exit(137)
+            raise RuntimeError(f"injected fault in {cls.__name__}.{name} (call {n})")
+        return original(*args, **kwargs)
+
+    setattr(cls, name, wrapper)
+
+
+def _refuse_state(text: str) -> None:
+    original = Repo.commit
+
+    def commit(self: Repo, partition: int, fence: int, writes: Any, *args: Any, **kw: Any) -> Any:
+        everything = [*writes, *(w for _, _, ws in kw.get("others", ()) for w in ws)]
+        if any(text in json.dumps(w.state) for w in everything):
+            raise RepoDataError(f"injected: the database refuses a state holding {text!r}")
+        return original(self, partition, fence, writes, *args, **kw)
+
+    Repo.commit = commit  # type: ignore[method-assign]
+
+
+def install(spec: str) -> None:
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        target, _, count = item.partition("=")
+        n, _, how = count.partition(":")
+        if target == "exit-after-commit":
+            _exit_after_commit(int(n))
+            continue
+        if target == "refuse-state":
+            _refuse_state(count)
+            continue
+        cls_name, _, method = target.partition(".")
+        _fail_on_call(_CLASSES[cls_name], method, int(n), how)
+
+
+install(os.environ.get(FAULTS_ENV, ""))
