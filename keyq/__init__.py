@@ -1,5 +1,6 @@
 """keyq: per-key stateful workers on Celery (registry, supervisor, repo, cache, reconciler)."""
 
+from keyq.aio import AsyncClient
 from keyq.client import Client
 from keyq.entity import Entity, EntityRegistry, handler
 from keyq.errors import (
@@ -31,6 +32,7 @@ Reject = Rejected  # what a handler raises to refuse a message without changing 
 
 __all__ = [
     # producing
+    "AsyncClient",
     "Client",
     # declaring entities
     "Entity",

@@ -158,6 +158,17 @@ class _ReplyListener:
         await self._conn.aclose()
 
 
+def _entities(settings: Settings) -> EntityRegistry:
+    """The settings' entity modules, or with none the catalogue the workers published (read
+    once, synchronously, at construction)."""
+    if settings.entity_modules:
+        return EntityRegistry.from_modules(settings.entity_modules)
+    from keyq.client import Client
+
+    with Client(settings) as client:
+        return client.registry
+
+
 class AsyncClient:
     """An asyncio producer; create one per process (or per event loop) and share it."""
 
@@ -169,7 +180,7 @@ class AsyncClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.settings = settings or Settings.from_env()
-        self.registry = registry or EntityRegistry.from_modules(self.settings.entity_modules)
+        self.registry = registry or _entities(self.settings)
         self._app = make_app(self.settings, name="keyq-producer")  # task protocol only: no I/O
         self.redis = _async_redis(self.settings.redis_url, self.settings, max_connections)
         self.broker = (

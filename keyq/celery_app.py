@@ -17,7 +17,10 @@ DISPATCH_TASK = "keyq.dispatch"  # applies a list of envelopes of one partition
 RECONCILE_TASK = "keyq.reconcile"  # the periodic reconciler (beat)
 CACHE_SWEEP_TASK = "keyq.cache_sweep"  # the periodic cache sweep (beat)
 VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; keyq restores
-BRPOP_TIMEOUT_S = 1  # kombu's BRPOP wait; a handoff waits it out before releasing a lease
+# An idle consumer's wait for a wake token, after which it looks at its queues anyway: a message
+# published without a token (plain Celery, another language) is noticed within this. A handoff
+# waits it out before releasing a lease (keyq.mailbox.HANDOFF_GRACE_S).
+BRPOP_TIMEOUT_S = 0.05
 
 
 def default_queue(settings: Settings) -> str:

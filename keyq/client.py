@@ -44,12 +44,27 @@ class Client:
         registry: EntityRegistry | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
-        self.registry = registry or EntityRegistry.from_modules(self.settings.entity_modules)
-        self.app = make_app(self.settings, name="keyq-producer")
         self.redis = redis_client(self.settings.redis_url, self.settings.timeouts)
+        self.registry = registry or self._entities()
+        self.app = make_app(self.settings, name="keyq-producer")
         self.cache = StateCache(self.redis, self.settings)
         self.names = NameRegistry(self.redis, self.settings)
         self._repo: Repo | None = None
+
+    def _entities(self) -> EntityRegistry:
+        """The entity modules named in the settings, or, with none, the catalogue the workers
+        published (a producer that does not import the entity code)."""
+        if self.settings.entity_modules:
+            return EntityRegistry.from_modules(self.settings.entity_modules)
+        from keyq.catalogue import load_registry
+
+        try:
+            return load_registry(self.redis, self.settings)
+        except redis.RedisError as e:
+            raise CacheUnavailableError(
+                f"reading the entity catalogue from Redis at "
+                f"{redact_url(self.settings.redis_url)} failed: {e}"
+            ) from e
 
     @property
     def repo(self) -> Repo:

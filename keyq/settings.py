@@ -188,9 +188,12 @@ class Settings:
             raise ConfigurationError(
                 f"KEYQ_NAMESPACE={namespace!r} must match {_NAMESPACE_RE.pattern}"
             )
+        raw_modules = env.get("KEYQ_ENTITY_MODULES")
+        # unset: keyq's examples; set but empty: none (a producer then reads the catalogue
+        # that workers publish to Redis)
         modules = tuple(
             m.strip()
-            for m in (env.get("KEYQ_ENTITY_MODULES") or "keyq.examples").split(",")
+            for m in ("keyq.examples" if raw_modules is None else raw_modules).split(",")
             if m.strip()
         )
         settings = cls(

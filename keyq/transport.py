@@ -41,7 +41,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
-from keyq.celery_app import DISPATCH_TASK
+from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
     PARTITION_TASKS,
@@ -259,6 +259,9 @@ class Transport(kombu_redis.Transport):
     """Redis transport: atomic fetch, and undeliverable partition messages back at the head."""
 
     Channel = Channel
+    # kombu reads the wait from this attribute (its "brpop_timeout" transport option is not
+    # applied): an idle consumer looks at its queues at least this often
+    brpop_timeout = BRPOP_TIMEOUT_S  # type: ignore[assignment]  # kombu declares an int
 
     def _reject_inbound_message(self, raw_message: Any) -> None:
         props = raw_message.get("properties", {}) if isinstance(raw_message, dict) else {}

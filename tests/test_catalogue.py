@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from keyq import catalogue
+from keyq.client import Client
 from keyq.entity import EntityRegistry
 from keyq.envelope import make_envelope
 from keyq.errors import (
@@ -101,7 +102,7 @@ def test_workers_publish_and_a_client_without_entity_code_uses_it(
     typed = settings.with_(entity_modules=MODULES)
     start_worker(settings_override=typed)
     poll(lambda: redis_client.hlen(catalogue.catalogue_key(typed)) >= len(MODULES), what="it")
-    producer = catalogue.client(typed.with_(entity_modules=()))
+    producer = Client(typed.with_(entity_modules=()))  # no entity code: the catalogue
     try:
         assert "typed-wallet" in producer.registry
         with pytest.raises(InvalidPayloadError):
@@ -132,3 +133,14 @@ def test_workers_publish_and_a_client_without_entity_code_uses_it(
         timeout=60,
     )
     assert missing.returncode == 1 and "no entity 'nope'" in missing.stderr
+    # a producer process with KEYQ_ENTITY_MODULES set empty validates against the catalogue
+    bare = {**env, "KEYQ_ENTITY_MODULES": ""}
+    refused = subprocess.run(
+        [sys.executable, "-m", "keyq", "send", "typed-wallet", "w", "deposit", '{"amount": "x"}'],
+        env=bare,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "InvalidPayloadError" in refused.stderr, refused.stderr

@@ -149,3 +149,33 @@ def test_garbage_on_the_default_queue_is_dead_lettered_and_housekeeping_goes_on(
     [dl] = poll(lambda: repo.dead_letters(), what="the garbage's dead letter")  # type: ignore[misc]
     assert dl.reason == "undecodable" and f"on {queue}" in dl.error_message and dl.raw
     poll(lambda: redis_client.llen(queue) == 0, what="the reconcile task behind it ran")
+
+
+def test_an_idle_worker_notices_a_plain_celery_publish_quickly(
+    start_worker: WorkerFactory, client: Client, settings: Settings, repo: Repo
+) -> None:
+    """A producer that is not keyq's (stock Celery on the stock Redis transport) pushes no wake
+    token; an idle worker still applies its message within about the wake wait (50 ms), not
+    after a one-second BRPOP timeout."""
+    import statistics
+
+    from celery import Celery
+
+    start_worker()
+    stock = Celery("foreign", broker=settings.broker_url, set_as_current=False)
+    stock.conf.task_serializer = "json"
+    key = "plain"
+    waits = []
+    try:
+        for n in range(10):
+            time.sleep(0.3)  # idle again: the worker is waiting for a wake token
+            wire = client.envelope("journal", key, "append", n).to_wire()
+            started = time.monotonic()
+            queue = settings.queue_name(wire["partition"])
+            stock.send_task(DISPATCH_TASK, args=[[wire]], queue=queue)
+            poll(lambda n=n: len(items(repo, "journal", key)) == n + 1, interval=0.005)
+            waits.append(time.monotonic() - started)
+    finally:
+        stock.close()
+    assert items(repo, "journal", key) == list(range(10))
+    assert statistics.median(waits) < 0.3, waits
