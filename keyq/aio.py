@@ -38,6 +38,7 @@ from keyq.errors import (
     BrokerUnavailableError,
     CacheUnavailableError,
     CallTimeoutError,
+    OverloadedError,
     PartialPublishError,
     ValidationError,
 )
@@ -246,15 +247,23 @@ class AsyncClient:
         message = task_message(
             self._app, envelopes, queue, envelopes[0].id if len(envelopes) == 1 else None
         )
-        pipe = self.broker.pipeline(transaction=False)
-        for command in push_commands(queue, message):
-            pipe.execute_command(*command)
+        (_, queue_key, payload), (_, wake, _), _ = push_commands(queue, message)
+        limit = self.settings.max_queue_depth
         try:
-            await pipe.execute()
+            pushed = int(
+                await self.broker.eval(lua_source("publish"), 2, queue_key, wake, payload, limit)
+            )
         except (redis.RedisError, OSError) as e:
             raise BrokerUnavailableError(
                 f"could not publish {len(envelopes)} message(s) to partition {partition}: {e}"
             ) from e
+        if pushed < 0:
+            raise OverloadedError(
+                f"partition queue {queue} holds {-1 - pushed} messages (KEYQ_MAX_QUEUE_DEPTH="
+                f"{limit}): the workers are behind; the message was not published",
+                queue=queue,
+                depth=-1 - pushed,
+            )
 
     # --- the API ---------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "brpop_timeout": BRPOP_TIMEOUT_S,
             "priority_steps": [0],
             **broker_transport_options(settings.timeouts),
+            "keyq_max_queue_depth": settings.max_queue_depth,  # keyq.transport reads it
         },
         "broker_connection_timeout": settings.redis_connect_timeout_s,
         "broker_connection_retry_on_startup": True,
@@ -75,8 +76,16 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_app(settings: Settings, name: str = "keyq") -> Celery:
-    """A Celery app configured for keyq; no task bodies (workers add theirs)."""
+def make_app(settings: Settings, name: str = "keyq", *, depth_limit: bool = True) -> Celery:
+    """A Celery app configured for keyq; no task bodies (workers add theirs). depth_limit=False:
+    publishes are never refused at KEYQ_MAX_QUEUE_DEPTH (a worker's own timer fires and
+    re-routes, which are not new load)."""
     app = Celery(name, set_as_current=False)
-    app.conf.update(celery_settings(settings))
+    conf = celery_settings(settings)
+    if not depth_limit:
+        conf["broker_transport_options"] = {
+            **conf["broker_transport_options"],
+            "keyq_max_queue_depth": 0,
+        }
+    app.conf.update(conf)
     return app

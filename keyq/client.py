@@ -24,6 +24,7 @@ from keyq.errors import (
     BrokerUnavailableError,
     CacheUnavailableError,
     CallTimeoutError,
+    OverloadedError,
     PartialPublishError,
     ValidationError,
 )
@@ -32,6 +33,10 @@ from keyq.settings import Settings, redact_url
 
 if TYPE_CHECKING:  # only reads that miss the cache need the database (and SQLAlchemy)
     from keyq.repo import Repo
+
+
+OVERLOAD_RETRY_MIN_S = 0.02  # send(wait=...) on an overloaded partition: first pause ...
+OVERLOAD_RETRY_MAX_S = 0.5  # ... doubling up to this
 
 
 class Client:
@@ -145,14 +150,32 @@ class Client:
         payload: JSON = None,
         *,
         idempotency_key: str | None = None,
+        wait: float = 0.0,
     ) -> str:
         """Enqueue a message for a key; returns its message id once the broker has it.
 
         With ``idempotency_key`` (a retried request's id) the same (entity, key, K) is applied
-        once while its id is in the key's dedupe window (the last KEYQ_DEDUPE_WINDOW ids)."""
+        once while its id is in the key's dedupe window (the last KEYQ_DEDUPE_WINDOW ids).
+        A partition queue at KEYQ_MAX_QUEUE_DEPTH raises OverloadedError at once, or after
+        waiting up to ``wait`` seconds for room."""
         env = self.envelope(entity, key, op, payload, idempotency_key=idempotency_key)
-        self.publish([env])
+        self._publish_waiting(env, wait)
         return env.id
+
+    def _publish_waiting(self, env: Envelope, wait: float) -> None:
+        """Publish one envelope; while its partition is overloaded, retry until wait runs out."""
+        deadline = time.monotonic() + wait
+        pause = OVERLOAD_RETRY_MIN_S
+        while True:
+            try:
+                self.publish([env])
+                return
+            except OverloadedError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                time.sleep(min(pause, remaining))
+                pause = min(OVERLOAD_RETRY_MAX_S, pause * 2)
 
     def send_many(
         self,
@@ -198,8 +221,10 @@ class Client:
         timeout: float | None = None,
         *,
         idempotency_key: str | None = None,
+        wait: float = 0.0,
     ) -> JSON:
-        """Send and wait for the handler's reply; typed errors for refusals and timeouts."""
+        """Send and wait for the handler's reply; typed errors for refusals and timeouts
+        (``wait``: as for send, room on an overloaded partition before the call starts)."""
         timeout = self.settings.call_timeout_s if timeout is None else timeout
         if not timeout > 0:  # BLPOP's 0 means "wait forever"; NaN and negatives make no sense
             raise ValidationError(
@@ -209,7 +234,7 @@ class Client:
             entity, key, op, payload, reply=True, idempotency_key=idempotency_key
         )
         reply_key = self.settings.redis_key("reply", env.id)
-        self.publish([env])
+        self._publish_waiting(env, wait)
         try:
             got = blocking_pop(self.redis, reply_key, timeout, self.settings.timeouts)
         except redis.RedisError as e:

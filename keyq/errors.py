@@ -72,6 +72,16 @@ class PartialPublishError(BrokerUnavailableError):
         self.unpublished = unpublished
 
 
+class OverloadedError(BrokerUnavailableError):
+    """A partition's queue is at KEYQ_MAX_QUEUE_DEPTH: the message was not published (send
+    again later, or pass wait= to send/call to wait for room)."""
+
+    def __init__(self, message: str, queue: str = "", depth: int = 0) -> None:
+        super().__init__(message)
+        self.queue = queue
+        self.depth = depth
+
+
 class CacheUnavailableError(KeyqError):
     """The Redis used for the registry and cache could not be reached."""
 

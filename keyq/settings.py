@@ -42,6 +42,7 @@ DEFAULT_RECONCILE_INTERVAL_S = 10.0
 DEFAULT_RECONCILE_BATCH = 1000
 DEFAULT_RECONCILE_BUDGET_S = 2.0
 DEFAULT_CALL_TIMEOUT_S = 10.0
+DEFAULT_MAX_QUEUE_DEPTH = 100_000  # per partition queue: past it producers get OverloadedError
 DEFAULT_MAX_DELIVERIES = 5  # a message delivered this often without being applied is dead-lettered
 DEFAULT_STARTUP_WAIT_S = 30.0  # worker and beat wait this long for Redis and the database
 DEFAULT_NAMESPACE = "keyq"
@@ -124,6 +125,7 @@ ENV_VARIABLES: dict[str, str] = {
     "reconcile_budget_s": "KEYQ_RECONCILE_BUDGET_S",
     "call_timeout_s": "KEYQ_CALL_TIMEOUT_S",
     "max_deliveries": "KEYQ_MAX_DELIVERIES",
+    "max_queue_depth": "KEYQ_MAX_QUEUE_DEPTH",
     "backoff_min_s": "KEYQ_BACKOFF_MIN_S",
     "backoff_max_s": "KEYQ_BACKOFF_MAX_S",
     "max_handler_seconds": "KEYQ_MAX_HANDLER_SECONDS",
@@ -163,6 +165,7 @@ class Settings:
     reconcile_budget_s: float = DEFAULT_RECONCILE_BUDGET_S
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: no limit
     backoff_min_s: float = DEFAULT_BACKOFF_MIN_S
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
     max_handler_seconds: float = DEFAULT_MAX_HANDLER_SECONDS
@@ -226,6 +229,9 @@ class Settings:
             ),
             call_timeout_s=_float(env, "KEYQ_CALL_TIMEOUT_S", DEFAULT_CALL_TIMEOUT_S, 0.01),
             max_deliveries=_int(env, "KEYQ_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+            max_queue_depth=_int(
+                env, "KEYQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH, minimum=0
+            ),
             backoff_min_s=_float(env, "KEYQ_BACKOFF_MIN_S", DEFAULT_BACKOFF_MIN_S),
             backoff_max_s=_float(env, "KEYQ_BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S),
             max_handler_seconds=_float(

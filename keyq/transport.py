@@ -42,6 +42,7 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK
+from keyq.errors import OverloadedError
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
     PARTITION_TASKS,
@@ -55,6 +56,7 @@ from keyq.scripts import lua_source
 log = logging.getLogger(__name__)
 
 WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idle consumers
+MAX_DEPTH_OPTION = "keyq_max_queue_depth"  # transport option: refuse publishes past this depth
 
 
 def wake_key(queue_key: str) -> str:
@@ -99,11 +101,14 @@ class Channel(kombu_redis.Channel):
     _keyq_fetch_next = True  # the next poll fetches (True) or waits for a wake token (False)
     _keyq_waiting = False  # the command in flight is the wake BRPOP
     _keyq_sha: str | None = None
+    _keyq_publish: Any = None  # the publish script, registered on first use
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
         self._keyq_noack: set[str] = set()  # queues consumed without acks (control replies)
         super().__init__(*args, **kwargs)
+        options = self.connection.client.transport_options or {}
+        self._keyq_max_depth = int(options.get(MAX_DEPTH_OPTION, 0) or 0)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
@@ -129,12 +134,24 @@ class Channel(kombu_redis.Channel):
                         wake_key(key), 0, 0
                     ).execute()
             return
+        limit = self._keyq_max_depth if is_partition_queue(queue) else 0
         with self.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.lpush(key, dumps(message))  # the message first, then the token that wakes
-            pipe.lpush(wake_key(key), 1)
-            pipe.ltrim(wake_key(key), 0, 0)
-            pipe.execute()
+            if self._keyq_publish is None:
+                self._keyq_publish = client.register_script(lua_source("publish"))
+            # the message first, then the token that wakes; refused at the depth limit
+            pushed = int(
+                self._keyq_publish(
+                    keys=[key, wake_key(key)], args=[dumps(message), limit], client=client
+                )
+            )
+        if pushed < 0:
+            depth = -1 - pushed
+            raise OverloadedError(
+                f"partition queue {queue} holds {depth} messages (KEYQ_MAX_QUEUE_DEPTH="
+                f"{limit}): the workers are behind; the message was not published",
+                queue=queue,
+                depth=depth,
+            )
 
     # --- consumer side ---------------------------------------------------------------------
 

@@ -602,7 +602,7 @@ class WorkerRuntime(OwnershipHooks):
 
     def _send(self, partition: int, envelopes: list[object], rerouted: bool = False) -> None:
         if self._producer is None:
-            self._producer = make_app(self.settings, name="keyq-worker")
+            self._producer = make_app(self.settings, name="keyq-worker", depth_limit=False)
         self._producer.send_task(
             DISPATCH_TASK,
             args=[envelopes],

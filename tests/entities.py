@@ -130,3 +130,18 @@ class Spinner(Entity):
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
         while True:
             pass
+
+
+class Sluggish(Entity):
+    """Appends like the sequence, 50 ms per message: a partition that drains slowly."""
+
+    name = "sluggish"
+    initial_state: dict[str, Any] = {"seen": []}
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], int]:
+        import time
+
+        time.sleep(0.05)
+        seen = [*state["seen"], payload]
+        return {"seen": seen}, len(seen)
