@@ -10,7 +10,7 @@ answers many calls together). 1,000 concurrent calls use two Redis connections, 
 
 Everything else is the synchronous Client's: the same validation (keyq.envelope.make_envelope,
 typed payloads, idempotency keys) and typed errors, the same message bytes on the broker
-(keyq.celery_message, from Celery's own task protocol), the same cache and registry scripts.
+(keyq.publisher, from Celery's own task protocol), the same cache and registry scripts.
 A cache miss on ``read`` loads from the Repo in a thread (SQLAlchemy is synchronous).
 """
 
@@ -31,7 +31,6 @@ from keyq import metrics
 from keyq import reply as replies
 from keyq.cache import member
 from keyq.celery_app import make_app
-from keyq.celery_message import push_commands, task_message
 from keyq.entity import JSON, EntityRegistry
 from keyq.envelope import Envelope, check_key, make_envelope
 from keyq.errors import (
@@ -42,6 +41,7 @@ from keyq.errors import (
     PartialPublishError,
     ValidationError,
 )
+from keyq.publisher import MessageBuilder, wake_key
 from keyq.registry import Resolution
 from keyq.scripts import lua_source
 from keyq.settings import Settings, redact_url
@@ -183,6 +183,7 @@ class AsyncClient:
         self.settings = settings or Settings.from_env()
         self.registry = registry or _entities(self.settings)
         self._app = make_app(self.settings, name="keyq-producer")  # task protocol only: no I/O
+        self._builder = MessageBuilder(self._app)
         self.redis = _async_redis(self.settings.redis_url, self.settings, max_connections)
         self.broker = (
             self.redis
@@ -244,10 +245,11 @@ class AsyncClient:
         if any(e.partition != partition for e in envelopes):
             raise ValueError("publish() takes envelopes of one partition; use send_many()")
         queue = self.settings.queue_name(partition)
-        message = task_message(
-            self._app, envelopes, queue, envelopes[0].id if len(envelopes) == 1 else None
+        wires = [e.to_wire() for e in envelopes]
+        message = self._builder.message(
+            wires, queue, envelopes[0].id if len(envelopes) == 1 else None
         )
-        (_, queue_key, payload), (_, wake, _), _ = push_commands(queue, message)
+        queue_key, wake, payload = queue, wake_key(queue), json.dumps(message)
         limit = self.settings.max_queue_depth
         try:
             pushed = int(

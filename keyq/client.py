@@ -11,12 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-from kombu.exceptions import OperationalError
 
 from keyq import metrics
 from keyq import reply as replies
 from keyq.cache import StateCache
-from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.celery_app import make_app
 from keyq.connections import blocking_pop, redis_client
 from keyq.entity import JSON, EntityRegistry
 from keyq.envelope import Envelope, check_key, make_envelope
@@ -28,6 +27,7 @@ from keyq.errors import (
     PartialPublishError,
     ValidationError,
 )
+from keyq.publisher import Publisher
 from keyq.registry import NameRegistry, Resolution
 from keyq.settings import Settings, redact_url
 
@@ -52,6 +52,12 @@ class Client:
         self.redis = redis_client(self.settings.redis_url, self.settings.timeouts)
         self.registry = registry or self._entities()
         self.app = make_app(self.settings, name="keyq-producer")
+        self.broker = (
+            self.redis
+            if self.settings.broker_url == self.settings.redis_url
+            else redis_client(self.settings.broker_url, self.settings.timeouts)
+        )
+        self.publisher = Publisher(self.broker, self.settings, self.app)
         self.cache = StateCache(self.redis, self.settings)
         self.names = NameRegistry(self.redis, self.settings)
         self._repo: Repo | None = None
@@ -80,7 +86,10 @@ class Client:
         return self._repo
 
     def close(self) -> None:
+        self.publisher.close()
         self.redis.close()
+        if self.broker is not self.redis:
+            self.broker.close()
         if self._repo is not None:
             self._repo.dispose()
         self.app.close()
@@ -126,19 +135,7 @@ class Client:
         partition = envelopes[0].partition
         if any(e.partition != partition for e in envelopes):
             raise ValueError("publish() takes envelopes of one partition; use send_many()")
-        try:
-            self.app.send_task(
-                DISPATCH_TASK,
-                args=[[e.to_wire() for e in envelopes]],
-                queue=self.settings.queue_name(partition),
-                task_id=envelopes[0].id if len(envelopes) == 1 else None,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2},
-            )
-        except (OperationalError, redis.RedisError, OSError) as e:
-            raise BrokerUnavailableError(
-                f"could not publish {len(envelopes)} message(s) to partition {partition}: {e}"
-            ) from e
+        self.publisher.publish(envelopes)
 
     # --- the API ---------------------------------------------------------------------------
 

@@ -113,6 +113,7 @@ class Reconciler:
         self._repo = repo
         self._app = app
         self._own_app = app is None  # made here on first publish, closed by close()
+        self._publisher: Any = None  # keyq.publisher.Publisher, made on first publish
         self._hold = hold  # called while the lock is held (tests force a slow run with it)
         self.names = NameRegistry(self.client, settings)
         self.cache = StateCache(self.client, settings)
@@ -141,15 +142,20 @@ class Reconciler:
 
     def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Publish system envelopes of one partition as one keyq.dispatch message."""
-        from keyq.celery_app import DISPATCH_TASK, make_app
+        from keyq.celery_app import make_app
+        from keyq.publisher import Publisher
 
         if self._app is None:
             self._app = make_app(self.settings, name="keyq-reconciler")
-        self._app.send_task(
-            DISPATCH_TASK,
-            args=[[e.to_wire() for e in envelopes]],
-            queue=self.settings.queue_name(envelopes[0].partition),
-        )
+        if self._publisher is None:
+            broker = (
+                self.client
+                if self.settings.broker_url == self.settings.redis_url
+                else redis_client(self.settings.broker_url, self.settings.timeouts)
+            )
+            self._publisher = Publisher(broker, self.settings, self._app)
+        # re-activations are keyq's own housekeeping, not new load: never refused at the limit
+        self._publisher.publish(envelopes, depth_limit=False)
 
     def close(self) -> None:
         if self._repo is not None:
