@@ -69,6 +69,10 @@ class OwnershipHooks(Protocol):
         node must not keep its leases alive: it stops renewing them and exits."""
         return None
 
+    def pulse(self) -> dict[str, object]:
+        """What the heartbeat publishes about the consumer's progress (`keyq status`)."""
+        return {}
+
 
 @dataclass
 class TickReport:
@@ -155,7 +159,7 @@ class PartitionOwnership:
         """Announce this node and renew the leases it holds (or drains); mark lost ones."""
         with self._lock:
             consuming = sorted(p for p in self._held if p not in self._lost)
-        info = {**self.info, "partitions": consuming, "ts": time.time()}
+        info = {**self.info, **self.hooks.pulse(), "partitions": consuming, "ts": time.time()}
         members, static = self.membership.heartbeat(
             self.node_id, info, balanced=self.static_partitions is None
         )

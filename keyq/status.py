@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 
 from keyq.cache import StateCache
+from keyq.celery_app import DISPATCH_TASK
 from keyq.cluster import Leases, Membership
 from keyq.connections import redis_client
 from keyq.errors import CacheUnavailableError
+from keyq.mailbox import PARTITION_TASKS, decode
 from keyq.registry import NameRegistry
 from keyq.settings import Settings, redact_url
 
@@ -29,7 +32,12 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         pipe = broker.pipeline(transaction=False)
         for p in range(settings.partitions):
             pipe.llen(settings.queue_name(p))
-        depths = pipe.execute()
+            pipe.lindex(settings.queue_name(p), -1)  # the head: the oldest waiting message
+        replies = pipe.execute()
+        depths = replies[0::2]
+        now = time.time()
+        quiet: dict[str, Any] = {str(m["node"]): m.get("batch_quiet_s") for m in members}
+        limits: dict[str, Any] = {str(m["node"]): m.get("watchdog_limit_s") for m in members}
         partitions = [
             {
                 "partition": p,
@@ -37,6 +45,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "token": holders[p].token if p in holders else None,
                 "lease_ttl_ms": holders[p].ttl_ms if p in holders else None,
                 "depth": int(depths[p]),
+                "oldest_age_s": _age(replies[2 * p + 1], now),
+                "progress": _progress(
+                    holders[p].owner if p in holders else None, quiet, limits, int(depths[p])
+                ),
             }
             for p in range(settings.partitions)
         ]
@@ -62,6 +74,31 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _age(head: bytes | None, now: float) -> float | None:
+    """Seconds since the producer sent the oldest waiting message (its first envelope)."""
+    if head is None:
+        return None
+    delivery = decode(head, PARTITION_TASKS, DISPATCH_TASK)
+    first = delivery.envelopes[0] if delivery.envelopes else None
+    sent = first.get("sent_at") if isinstance(first, dict) else None
+    return round(max(0.0, now - sent), 3) if isinstance(sent, int | float) and sent else None
+
+
+def _progress(
+    owner: str | None, quiet: dict[str, Any], limits: dict[str, Any], depth: int
+) -> str:
+    """Whether the partition's consumer moves: unowned, idle, working, or stalled (a batch
+    quiet for more than half the watchdog's limit)."""
+    if owner is None:
+        return "unowned" if depth else "unowned (empty)"
+    q, limit = quiet.get(owner), limits.get(owner)
+    if q is None:
+        return "waiting" if depth else "idle"
+    if isinstance(limit, int | float) and q > limit / 2:
+        return f"stalled {q:.0f}s"
+    return "working"
+
+
 def render_status(snap: dict[str, Any]) -> str:
     lines = [f"namespace {snap['namespace']}", "", "MEMBERS"]
     for m in snap["members"]:
@@ -73,11 +110,17 @@ def render_status(snap: dict[str, Any]) -> str:
         )
     if not snap["members"]:
         lines.append("  (no live members)")
-    lines += ["", "PARTITIONS  owner                                     token   depth"]
+    lines += [
+        "",
+        "PARTITIONS  owner                                     token  lease ms   depth  "
+        "oldest s  progress",
+    ]
     for p in snap["partitions"]:
+        age = "-" if p["oldest_age_s"] is None else f"{p['oldest_age_s']:.1f}"
+        ttl = "-" if p["lease_ttl_ms"] is None else str(p["lease_ttl_ms"])
         lines.append(
             f"  {p['partition']:>4}      {p['owner'] or '-':<40} {p['token'] or '-':>6} "
-            f"{p['depth']:>7}"
+            f"{ttl:>8} {p['depth']:>7} {age:>9}  {p['progress']}"
         )
     c = snap["cache"]
     ratio = "n/a" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"

@@ -90,3 +90,32 @@ def test_status_shows_members_owners_tokens_and_active_keys(
     for node in nodes:
         assert node in text
     assert "heartbeat" in text and "active keys" in text
+
+
+def test_status_shows_a_stalled_partition_and_the_age_of_what_waits_behind_it(
+    start_worker: WorkerFactory, client: Client, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A handler stuck out of the time limit's reach: before the watchdog acts, `keyq status`
+    says the partition is stalled, how old its oldest waiting message is, and the lease left."""
+    worker = start_worker(env={"KEYQ_MAX_HANDLER_SECONDS": "1"})
+    key = next(f"s{i}" for i in range(1000) if partition_for(f"s{i}", settings.partitions) == 2)
+    behind = next(
+        f"b{i}" for i in range(1000) if partition_for(f"b{i}", settings.partitions) == 2
+    )
+    client.send("spinner", key, "stuck")
+    poll(lambda: redis_client.llen(settings.queue_name(2)) == 0, what="the stuck one taken")
+    client.send("spinner", behind, "see", 1)
+
+    def stalled() -> dict[str, Any] | None:
+        part = status_json(settings)["partitions"][2]
+        return part if str(part["progress"]).startswith("stalled") else None
+
+    part = poll(stalled, timeout=30, what="status to show the stall")
+    assert isinstance(part, dict)
+    assert part["depth"] == 1 and part["oldest_age_s"] > 1.0
+    assert 0 < part["lease_ttl_ms"] <= settings.lease_ttl_ms
+    # one consumer serves all of a node's partitions: they all stall with it
+    parts = status_json(settings)["partitions"]
+    assert all(str(p["progress"]).startswith("stalled") for p in parts)
+    assert "stalled" in run_status(settings)
+    worker.kill()
