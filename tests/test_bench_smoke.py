@@ -1,13 +1,16 @@
 """scripts/bench runs end to end on real servers and reports every figure it promises.
 
 The smoke mode is tiny (seconds); no figure is asserted, only that the run completes, that
-every add it sent was applied exactly once, that the JSON carries every key and that the run
-leaves neither its PostgreSQL database nor its Redis keys behind.
+every add it sent was applied exactly once, that the JSON carries every key with a real number
+where the smoke run measures it (issue 14's producer, call, dispatch-sweep and worker-CPU
+figures among them) and that the run leaves neither its PostgreSQL database nor its Redis keys
+behind.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +42,21 @@ REQUIRED_KEYS = (
     "rss_mb_1m",
     "versions",
     "machine",
+    # issue 14
+    "send_produce_ratio",
+    "send_msgs_per_s_one_thread",
+    "apply_async_msgs_per_s_one_thread",
+    "send_many_msgs_per_s_one_thread",
+    "send_cpu_us",
+    "apply_async_cpu_us",
+    "send_many_cpu_us",
+    "call_p50_ms",
+    "call_p99_ms",
+    "celery_call_p50_ms",
+    "celery_call_p99_ms",
+    "call_ratio_p95",
+    "dispatch_sweep",
+    "worker_us_per_msg",
 )
 VERSION_KEYS = (
     "python",
@@ -59,7 +77,25 @@ MEASURED_IN_SMOKE = (
     "celery_call_p95_ms",
     "cache_hit_ratio",
     "takeover_ms",
+    "send_produce_ratio",
+    "send_msgs_per_s_one_thread",
+    "apply_async_msgs_per_s_one_thread",
+    "send_many_msgs_per_s_one_thread",
+    "send_cpu_us",
+    "apply_async_cpu_us",
+    "send_many_cpu_us",
+    "call_p50_ms",
+    "call_p99_ms",
+    "celery_call_p50_ms",
+    "celery_call_p99_ms",
+    "call_ratio_p95",
 )
+SWEEP_POINT_FIGURES = ("asked", "achieved", "p50", "p95")  # each dispatch_sweep point's numbers
+
+
+def measured(value: object) -> bool:
+    """A real number: not missing, not a bool, not NaN or infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def test_bench_smoke_run_reports_every_figure_and_cleans_up(
@@ -92,8 +128,16 @@ def test_bench_smoke_run_reports_every_figure_and_cleans_up(
     assert not missing, f"keys missing from the JSON: {missing}"
     assert all(doc["versions"].get(k) for k in VERSION_KEYS), doc["versions"]
     assert doc["machine"]["cores"] and doc["machine"]["cpu_model"]
-    unmeasured = [k for k in MEASURED_IN_SMOKE if not isinstance(doc[k], int | float)]
+    unmeasured = [k for k in MEASURED_IN_SMOKE if not measured(doc[k])]
     assert not unmeasured, f"figures the smoke run should have measured: {unmeasured}"
+    sweep = doc["dispatch_sweep"]
+    assert sweep, "the dispatch sweep measured no rate"
+    for point in sweep:
+        assert all(measured(point.get(k)) for k in SWEEP_POINT_FIGURES), point
+        assert isinstance(point.get("flagged"), bool), point
+    assert {1000.0, 2000.0} <= {p["asked"] for p in sweep}
+    assert measured(doc["worker_us_per_msg"].get("keyq")), doc["worker_us_per_msg"]
+    assert measured(doc["worker_us_per_msg"].get("celery")), doc["worker_us_per_msg"]
     assert doc["rss_mb_1m"] is None  # only the full run measures memory
     assert doc["exactly_once_verified"] is True
     assert doc["takeover"]["all_applied"] is True

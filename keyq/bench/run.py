@@ -1,11 +1,13 @@
 """scripts/bench: keyq side by side with plain Celery on real Redis and PostgreSQL.
 
-One run measures, on the same broker and with the same number of worker processes: drain
-throughput of durable keyed messages (send and send_many) against plain Celery no-op tasks,
-send-to-applied latency at half of keyq's peak, call round trips against Celery's
-apply_async().get(), the cache hit ratio of Zipf reads, takeover after kill -9 and (full mode)
-one worker's memory over 10k, 100k and 1M keys. It creates its own PostgreSQL database and
-Redis namespace and removes both at the end.
+One run measures, on the same broker and with the same number of worker processes: producer
+cost in one thread (Client.send and send_many against Celery's apply_async), drain throughput
+of durable keyed messages (send and send_many) against plain Celery no-op tasks with the
+workers' CPU per message, send-to-applied latency at half of keyq's peak and at fixed rates
+offered by enough producer processes (a point whose producers fell behind is flagged), call
+round trips against Celery's apply_async().get() taking turns, the cache hit ratio of Zipf
+reads, takeover after kill -9 and (full mode) one worker's memory over 10k, 100k and 1M keys.
+It creates its own PostgreSQL database and Redis namespace and removes both at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/6"
 DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MEMORY_CHECKPOINTS = (10_000, 100_000, 1_000_000)
 ROOT = Path(__file__).resolve().parents[2]
+SWEEP_QUICK = (200.0, 1000.0, 5000.0)  # paced rates (msg/s) of a --quick run
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,14 @@ class Mode:
     takeover: bool
     memory: bool
     sweep: tuple[float, ...]  # further paced rates (msg/s): the latency curve below half peak
+    producer_messages: int  # sends per loop of the same-thread producer comparison
 
 
 MODES = {
-    "smoke": Mode("smoke", 300, 2_000, 100, 1.0, 20, 300, 1, True, False, (200.0,)),
-    "quick": Mode("quick", 10_000, 50_000, 1_000, 3.0, 300, 5_000, 1, True, False, (200.0, 1000.0)),
+    "smoke": Mode("smoke", 300, 2_000, 100, 1.0, 20, 300, 1, True, False, (1000.0, 2000.0), 300),
+    "quick": Mode(
+        "quick", 10_000, 50_000, 1_000, 3.0, 300, 5_000, 1, True, False, SWEEP_QUICK, 5_000
+    ),
     "full": Mode(
         "full",
         30_000,
@@ -66,7 +72,8 @@ MODES = {
         3,
         True,
         True,
-        (50.0, 100.0, 200.0, 400.0, 1000.0, 2000.0),
+        (50.0, 100.0, 200.0, 400.0, 1000.0, 2000.0, 5000.0),
+        20_000,
     ),
 }
 
@@ -142,14 +149,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keyq_call_s: list[float] = []
     dispatch_s: list[float] = []
     try:
+        mark("producers, one thread: send, apply_async, send_many")
+        producer = bench.producers(mode.producer_messages, mode.keys)
+        doc["producer"] = producer
+        doc.update(producer_figures(producer))
         for r in range(repeats):
             last = r == repeats - 1
             mark(f"plain Celery drain {r + 1}/{repeats}")
-            celery = bench.celery_drain(mode.messages, keep_running=last)
-            if last:
-                mark("plain Celery call")
-                celery_call_s = bench.celery_call(mode.calls)
-                bench.stop_workers()
+            celery = bench.celery_drain(mode.messages)
             bar.update()
             mark(f"keyq drain {r + 1}/{repeats}")
             single = bench.keyq_drain(mode.messages, mode.keys, bulk=False)
@@ -162,13 +169,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "send_many_msgs_per_s": bulk.rate,
                     "send_many_produce_msgs_per_s": bulk.produce_rate,
                     "send_produce_msgs_per_s": single.produce_rate,
+                    "celery_worker_us_per_msg": celery.worker_us_per_msg,
+                    "keyq_worker_us_per_msg": single.worker_us_per_msg,
+                    "send_many_worker_us_per_msg": bulk.worker_us_per_msg,
                 }
             )
         med = {k: median_or_none([run[k] for run in runs]) for k in runs[0]}
-        doc.update(med)
+        doc.update({k: v for k, v in med.items() if not k.endswith("worker_us_per_msg")})
         doc["runs"] = runs
         doc["ratio"] = ratio(med["keyq_msgs_per_s"], med["celery_msgs_per_s"])
         doc["send_many_ratio"] = ratio(med["send_many_msgs_per_s"], med["celery_msgs_per_s"])
+        doc["worker_us_per_msg"] = {
+            "keyq": med["keyq_worker_us_per_msg"],
+            "celery": med["celery_worker_us_per_msg"],
+            "keyq_send_many": med["send_many_worker_us_per_msg"],
+        }
 
         rate = (med["keyq_msgs_per_s"] or 0.0) / 2
         if args.max_rate:
@@ -179,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["dispatch"] = latency
         doc["dispatch_rate_target_msgs_per_s"] = rate  # half of the send drain peak
         doc["dispatch_rate_msgs_per_s"] = latency["rate_achieved"]
+        doc["dispatch_flagged"] = latency["flagged"]
         doc["dispatch_p50_ms"] = latency["summary_ms"]["p50"]
         doc["dispatch_p95_ms"] = latency["summary_ms"]["p95"]
         doc["dispatch_p99_ms"] = latency["summary_ms"]["p99"]
@@ -192,8 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["pg_commit_p50_ms"], doc["pg_commit_p95_ms"] = probe["p50"], probe["p95"]
         bar.update()
 
-        mark("keyq call")
-        keyq_call_s = bench.keyq_call(mode.calls)
+        mark("calls: keyq call and Celery apply_async().get(), taking turns")
+        keyq_call_s, celery_call_s = bench.call_comparison(mode.calls)
         call = latency_summary_ms(keyq_call_s)
         celery_call = latency_summary_ms(celery_call_s)
         doc["call_p50_ms"], doc["call_p95_ms"], doc["call_p99_ms"] = (
@@ -204,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["celery_call_p50_ms"] = celery_call["p50"]
         doc["celery_call_p95_ms"] = celery_call["p95"]
         doc["celery_call_p99_ms"] = celery_call["p99"]
+        doc["call_ratio_p50"] = ratio(call["p50"], celery_call["p50"])
         doc["call_ratio_p95"] = ratio(call["p95"], celery_call["p95"])
         bar.update()
 
@@ -246,6 +263,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report.plot(args.plot, doc, dispatch_s, keyq_call_s, celery_call_s)
         doc["plot"] = args.plot
     return doc
+
+
+def producer_figures(producer: dict[str, Any]) -> dict[str, float | None]:
+    """The flat JSON keys of the same-thread producer comparison."""
+    send, apply_async, many = producer["send"], producer["apply_async"], producer["send_many"]
+    return {
+        "send_msgs_per_s_one_thread": send["msgs_per_s"],
+        "apply_async_msgs_per_s_one_thread": apply_async["msgs_per_s"],
+        "send_many_msgs_per_s_one_thread": many["msgs_per_s"],
+        "send_cpu_us": send["cpu_us_per_msg"],
+        "apply_async_cpu_us": apply_async["cpu_us_per_msg"],
+        "send_many_cpu_us": many["cpu_us_per_msg"],
+        "send_produce_ratio": ratio(send["msgs_per_s"], apply_async["msgs_per_s"]),
+        "send_many_produce_ratio": ratio(many["msgs_per_s"], apply_async["msgs_per_s"]),
+    }
 
 
 def memory_figures(bench: Bench, args: argparse.Namespace) -> dict[str, float]:

@@ -8,11 +8,8 @@ does not compete with the workers for the two cores. keyq workers report each ap
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +18,8 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from keyq.bench.celery_noop import ECHO_TASK, NOOP_TASK, make_noop_app
+from keyq.bench.cpu import CpuWindow, cpu_seconds
+from keyq.bench.dispatch import dispatch_latency
 from keyq.bench.infra import BenchServers
 from keyq.bench.procs import (
     Proc,
@@ -32,7 +31,9 @@ from keyq.bench.procs import (
     stop_all,
     wait_for,
 )
-from keyq.bench.stats import ZipfSampler, latency_summary_ms
+from keyq.bench.producer import measure_producers
+from keyq.bench.stats import ZipfSampler, parse_samples
+from keyq.bench.workload import ENTITY, OP, bench_key
 from keyq.client import Client
 from keyq.cluster import Leases, assignment
 from keyq.mailbox import Mailbox, unacked_records
@@ -40,28 +41,11 @@ from keyq.repo import Repo, state_table
 from keyq.routing import partition_for
 from keyq.settings import Settings
 
-ENTITY = "counter"
-OP = "add"
 DRAIN_TIMEOUT_S = 300.0
+CELERY_CPU_AFTER = 0.1  # Celery's CPU window opens once this share of its queue is gone
+CALL_BLOCKS = 10  # keyq and Celery round trips take turns in this many blocks each
+CALL_WARMUP = 10  # untimed round trips per side first
 SEND_MANY_CHUNK = 1000  # messages per send_many call while filling the queues
-SINGLE_SENDER_MAX_RATE = 1500.0  # above this, the paced sender runs in several processes
-WARMUP_S = 0.5  # latency samples sent in the first half second are dropped
-
-
-@dataclass
-class Sample:
-    partition: int
-    applied_at: float
-    latency_s: float
-
-
-def parse_samples(raw: Iterable[bytes | str]) -> list[Sample]:
-    out = []
-    for item in raw:
-        text = item.decode() if isinstance(item, bytes) else item
-        p, applied, latency = text.split()
-        out.append(Sample(int(p), float(applied), float(latency)))
-    return out
 
 
 @dataclass
@@ -70,6 +54,7 @@ class DrainResult:
     seconds: float
     produce_seconds: float
     latencies_s: list[float] = field(default_factory=list)
+    worker_us_per_msg: float | None = None  # the workers' CPU per applied message
 
     @property
     def rate(self) -> float:
@@ -78,10 +63,6 @@ class DrainResult:
     @property
     def produce_rate(self) -> float:
         return self.messages / self.produce_seconds if self.produce_seconds > 0 else 0.0
-
-
-def bench_key(i: int) -> str:
-    return f"k{i}"
 
 
 def _check_alive(procs: list[Proc]) -> None:
@@ -154,14 +135,15 @@ class Bench:
         """Every add was applied exactly once: the counters sum to the number of adds."""
         return self.counter_total() == expected_total
 
+    # --- producers ---------------------------------------------------------------------------
+
+    def producers(self, messages: int, keys: int) -> dict[str, Any]:
+        """Client.send, send_many and Celery's apply_async in this thread (no worker running)."""
+        return measure_producers(self.settings, self.celery_app, ENTITY, OP, messages, keys)
+
     # --- plain Celery ------------------------------------------------------------------------
 
-    def celery_drain(self, n: int, keep_running: bool = False) -> DrainResult:
-        """Fill the no-op queue with n tasks, start the Celery workers, time the drain."""
-        started = time.perf_counter()
-        for _ in tqdm(range(n), desc="fill celery queue", leave=False, unit="msg"):
-            self.celery_app.send_task(NOOP_TASK, queue=self.celery_queue)
-        produce_s = time.perf_counter() - started
+    def start_celery_workers(self) -> list[Proc]:
         procs = [
             start_celery_worker(
                 self.settings.broker_url, self.settings.redis_url, self.celery_queue, self.loglevel
@@ -169,47 +151,89 @@ class Bench:
             for _ in range(self.workers)
         ]
         self.procs.extend(procs)
+        return procs
+
+    def stop_these(self, procs: list[Proc]) -> None:
+        stop_all(procs)
+        self.procs = [p for p in self.procs if p not in procs]
+
+    def celery_drain(self, n: int) -> DrainResult:
+        """Fill the no-op queue with n tasks, start the Celery workers, time the drain; the
+        workers' CPU is read once a tenth of the queue is gone and again at the end."""
+        started = time.perf_counter()
+        for _ in tqdm(range(n), desc="fill celery queue", leave=False, unit="msg"):
+            self.celery_app.send_task(NOOP_TASK, queue=self.celery_queue)
+        produce_s = time.perf_counter() - started
+        procs = self.start_celery_workers()
         t_start = self._wait_first_consumption([self.celery_queue], n, procs)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
 
-        def drained() -> bool:
-            if self.redis.llen(self.celery_queue):
-                return False
-            return not unacked_records(self.redis, self.celery_queue)
+        def left() -> int:
+            queued = int(self.redis.llen(self.celery_queue))
+            return queued + len(unacked_records(self.redis, self.celery_queue))
 
-        while not drained():
+        cpu = CpuWindow()
+        base: list[float] | None = None
+        base_left = n
+        while (remaining := left()) > 0:
             _check_alive(procs)
+            if base is None and remaining <= n * (1 - CELERY_CPU_AFTER):
+                base, base_left = [cpu_seconds(p.pid) for p in procs], remaining
             if time.monotonic() > deadline:
                 raise TimeoutError("plain Celery did not drain its queue")
             time.sleep(0.002)
         t_end = time.time()
-        if not keep_running:
-            self.stop_workers()
-        return DrainResult(n, t_end - t_start, produce_s)
+        if base is not None:
+            cpu.add(sum(cpu_seconds(p.pid) for p in procs) - sum(base), base_left)
+        self.stop_these(procs)
+        return DrainResult(n, t_end - t_start, produce_s, worker_us_per_msg=cpu.us_per_msg)
 
-    def celery_call(self, count: int) -> list[float]:
-        """apply_async().get() round trips with a Redis result backend (workers running)."""
-        out = []
-        for i in tqdm(range(count + 10), desc="celery call", leave=False, unit="call"):
+    def call_comparison(self, count: int) -> tuple[list[float], list[float]]:
+        """Sequential round trips, keyq's Client.call and Celery's apply_async().get() (Redis
+        result backend) taking turns in blocks, both sides' workers running: (keyq, Celery)."""
+        procs = self.start_celery_workers()
+        keyq: list[float] = []
+        celery: list[float] = []
+        try:
+            self._celery_calls(CALL_WARMUP, [])  # waits for the workers and warms connections
+            self._keyq_calls(CALL_WARMUP, [])
+            per_block = max(1, count // CALL_BLOCKS)
+            with tqdm(total=2 * per_block * CALL_BLOCKS, desc="calls", leave=False) as bar:
+                for _ in range(CALL_BLOCKS):
+                    self._keyq_calls(per_block, keyq)
+                    self._celery_calls(per_block, celery)
+                    bar.update(2 * per_block)
+        finally:
+            self.stop_these(procs)
+        return keyq, celery
+
+    def _celery_calls(self, count: int, out: list[float]) -> None:
+        echo = self.celery_app.tasks[ECHO_TASK]
+        for i in range(count):
             t = time.perf_counter()
-            result = self.celery_app.send_task(ECHO_TASK, args=[i], queue=self.celery_queue)
-            value = result.get(timeout=30)
+            result = echo.apply_async(args=[i], queue=self.celery_queue)
+            value = result.get(timeout=60)
             elapsed = time.perf_counter() - t
             result.forget()
             if value != i:
                 raise RuntimeError(f"plain Celery echo returned {value!r}, not {i}")
-            if i >= 10:  # the first calls warm connections up
-                out.append(elapsed)
-        return out
+            out.append(elapsed)
+
+    def _keyq_calls(self, count: int, out: list[float]) -> None:
+        for i in range(count):
+            t = time.perf_counter()
+            self.client.call(ENTITY, f"call{i % 100}", OP, {"by": 1}, timeout=30)
+            out.append(time.perf_counter() - t)
+            self.adds += 1
 
     # --- keyq throughput ---------------------------------------------------------------------
 
     def keyq_drain(self, n: int, keys: int, bulk: bool, keep_running: bool = False) -> DrainResult:
         """Fill the partition queues with n adds over `keys` keys (one broker message per add,
-        or send_many's one per partition), start the keyq workers, time the drain."""
+        or send_many's one per partition), start the keyq workers, time the drain. Each
+        worker's CPU is read when it takes the first message of its own partitions."""
         lkey = latency_key(self.settings)
         self.redis.delete(lkey)
-        queues = [self.settings.queue_name(p) for p in range(self.settings.partitions)]
         started = time.perf_counter()
         if bulk:
             with tqdm(total=n, desc="fill (send_many)", leave=False, unit="msg") as bar:
@@ -225,71 +249,67 @@ class Bench:
                 self.client.send(ENTITY, bench_key(i % keys), OP, {"by": 1})
         produce_s = time.perf_counter() - started
         self.adds += n
-        initial = self._queue_total(queues)
+        specs = static_slices(self.settings.partitions, self.workers)
+        slices = [self._slice_queues(spec) for spec in specs]
+        initial = [self._queue_total(qs) for qs in slices]
         procs = self._start_keyq_static()
-        t_start = self._wait_first_consumption(queues, initial, procs)
+        # per worker: (time, CPU) when its own queues first shrink
+        base: list[tuple[float, float] | None] = [None if n0 else (0.0, 0.0) for n0 in initial]
+        deadline = time.monotonic() + 60
+        while any(b is None for b in base):
+            _check_alive(procs)
+            for i, qs in enumerate(slices):
+                if base[i] is None and self._queue_total(qs) < initial[i]:
+                    base[i] = (time.time(), cpu_seconds(procs[i].pid))
+            if time.monotonic() > deadline:
+                raise TimeoutError("workers did not start consuming within 60 s")
+            time.sleep(0.002)
+        t_start = min(b[0] for b, n0 in zip(base, initial, strict=True) if b and n0)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while int(self.redis.llen(lkey)) < n:
             _check_alive(procs)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"keyq applied {self.redis.llen(lkey)} of {n} messages")
             time.sleep(0.005)
+        after = [cpu_seconds(p.pid) for p in procs]
         samples = parse_samples(self.redis.lrange(lkey, 0, -1))
         t_end = max(s.applied_at for s in samples)
+        cpu = CpuWindow()
+        for i, spec in enumerate(specs):
+            b = base[i]
+            if not initial[i] or b is None:
+                continue
+            lo, hi = (int(x) for x in spec.split("-"))
+            applied = sum(1 for s in samples if lo <= s.partition <= hi and s.applied_at >= b[0])
+            cpu.add(after[i] - b[1], applied)
         if not keep_running:
             self.stop_workers()
-        return DrainResult(n, t_end - t_start, produce_s, [s.latency_s for s in samples])
+        return DrainResult(
+            n,
+            t_end - t_start,
+            produce_s,
+            [s.latency_s for s in samples],
+            worker_us_per_msg=cpu.us_per_msg,
+        )
+
+    def _slice_queues(self, spec: str) -> list[str]:
+        lo, hi = (int(x) for x in spec.split("-"))
+        return [self.settings.queue_name(p) for p in range(lo, hi + 1)]
 
     # --- latency -----------------------------------------------------------------------------
 
     def dispatch_latency(self, rate: float, seconds: float, keys: int) -> dict[str, Any]:
-        """Send at a fixed rate (open loop) with the workers running; send-to-applied latency."""
-        lkey = latency_key(self.settings)
-        self.redis.delete(lkey)
-        # one sender process per SINGLE_SENDER_MAX_RATE, but no more processes than cores
-        needed = int(rate // SINGLE_SENDER_MAX_RATE) + (rate % SINGLE_SENDER_MAX_RATE > 0)
-        senders = max(1, min(needed, os.cpu_count() or 1))
-        total = int(rate * seconds)
-        if senders == 1:
-            sent, behind = _paced_sender(self.settings, rate, total, keys, 0, 1, None)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            barrier = ctx.Barrier(senders + 1)
-            queue = ctx.Queue()
-            workers = [
-                ctx.Process(
-                    target=_sender_process,
-                    args=(self.settings, rate / senders, total // senders, keys, i, senders),
-                    kwargs={"barrier": barrier, "results": queue},
-                    daemon=True,
-                )
-                for i in range(senders)
-            ]
-            for w in workers:
-                w.start()
-            barrier.wait(timeout=60)
-            results = [queue.get(timeout=seconds * 4 + 60) for _ in workers]
-            for w in workers:
-                w.join(10)
-            sent = sum(r[0] for r in results)
-            behind = max(r[1] for r in results)
-        self.adds += sent - senders  # each sender's first message adds 0
-        wait_for(lambda: int(self.redis.llen(lkey)) >= sent, 60.0, "latency samples")
-        samples = parse_samples(self.redis.lrange(lkey, 0, -1))
-        first_sent = min(s.applied_at - s.latency_s for s in samples)
-        kept = [s.latency_s for s in samples if s.applied_at - s.latency_s >= first_sent + WARMUP_S]
-        summary = latency_summary_ms(kept)
-        sent_times = [s.applied_at - s.latency_s for s in samples]
-        span = max(sent_times) - min(sent_times)
-        return {
-            "rate_target": rate,
-            "rate_achieved": len(samples) / span if span > 0 else None,
-            "sent": sent,
-            "senders": senders,
-            "sender_behind_s": behind,
-            "summary_ms": summary,
-            "latencies_s": kept,
-        }
+        """Send at a fixed rate (open loop, enough producer processes) with the workers
+        running; send-to-applied latency, asked and achieved rates."""
+        workers = [p for p in self.procs if p.kind == "keyq"]
+        before = sum(cpu_seconds(p.pid) for p in workers)
+        out = dispatch_latency(self.settings, self.redis, rate, seconds, keys)
+        self.adds += out["sent"] - out["senders"]  # each sender's first message adds 0
+        # the workers' CPU per message at this rate (their idle polling included)
+        cpu = CpuWindow()
+        cpu.add(sum(cpu_seconds(p.pid) for p in workers) - before, out["sent"])
+        out["worker_us_per_msg"] = cpu.us_per_msg
+        return out
 
     def pg_commit_probe(self, count: int) -> list[float]:
         """Durations of one-row upsert transactions: the fsync floor under every keyq commit."""
@@ -311,16 +331,6 @@ class Bench:
                         out.append(time.perf_counter() - t)
         finally:
             repo.dispose()
-        return out
-
-    def keyq_call(self, count: int) -> list[float]:
-        out = []
-        for i in tqdm(range(count + 10), desc="keyq call", leave=False, unit="call"):
-            t = time.perf_counter()
-            self.client.call(ENTITY, f"call{i % 100}", OP, {"by": 1}, timeout=30)
-            self.adds += 1
-            if i >= 10:
-                out.append(time.perf_counter() - t)
         return out
 
     # --- cache -------------------------------------------------------------------------------
@@ -512,46 +522,3 @@ def _keys_per_partition(partitions: int, wanted: list[int]) -> dict[int, str]:
             out[p] = key
         i += 1
     return out
-
-
-def _paced_sender(
-    settings: Settings,
-    rate: float,
-    total: int,
-    keys: int,
-    index: int,
-    senders: int,
-    barrier: Any,
-) -> tuple[int, float]:
-    """Open loop: message i goes at t0 + i/rate whatever the replies; returns (sent, how far
-    behind schedule the sender fell at worst, in seconds)."""
-    behind = 0.0
-    with Client(settings) as client:
-        client.send(ENTITY, bench_key(index), OP, {"by": 0})  # connect before the clock starts
-        if barrier is not None:
-            barrier.wait(timeout=60)
-        t0 = time.monotonic()
-        sent = 1
-        for i in range(total):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                behind = max(behind, -delay)
-            client.send(ENTITY, bench_key((i * senders + index) % keys), OP, {"by": 1})
-            sent += 1
-    return sent, behind
-
-
-def _sender_process(
-    settings: Settings,
-    rate: float,
-    total: int,
-    keys: int,
-    index: int,
-    senders: int,
-    *,
-    barrier: Any,
-    results: Any,
-) -> None:
-    results.put(_paced_sender(settings, rate, total, keys, index, senders, barrier))

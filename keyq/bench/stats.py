@@ -1,4 +1,5 @@
-"""Pure helpers of the benchmark: percentiles, a bounded Zipf sampler, medians of runs."""
+"""Pure helpers of the benchmark: percentiles, a bounded Zipf sampler, medians of runs, the
+workers' latency samples."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -67,3 +68,28 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+class Sample:
+    """One applied message as a worker reported it: partition, applied at, send-to-applied."""
+
+    __slots__ = ("applied_at", "latency_s", "partition")
+
+    def __init__(self, partition: int, applied_at: float, latency_s: float) -> None:
+        self.partition = partition
+        self.applied_at = applied_at
+        self.latency_s = latency_s
+
+    @property
+    def sent_at(self) -> float:
+        return self.applied_at - self.latency_s
+
+
+def parse_samples(raw: Iterable[bytes | str]) -> list[Sample]:
+    """Lines "<partition> <applied_at> <latency_s>" pushed by keyq.bench.latency_hook."""
+    out = []
+    for item in raw:
+        text = item.decode() if isinstance(item, bytes) else item
+        p, applied, latency = text.split()
+        out.append(Sample(int(p), float(applied), float(latency)))
+    return out
