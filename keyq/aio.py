@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 WAKE_TOKEN_TTL_MS = 60_000  # a wake token nobody popped (the listener ended) goes away
 
 
+ASYNC_CLIENT_NAME = "keyq-aio"  # the name of every connection an AsyncClient opens
 DEFAULT_MAX_CONNECTIONS = 16  # publishes in flight share these; more callers wait their turn
 
 
@@ -66,6 +67,7 @@ def _async_redis(url: str, settings: Settings, max_connections: int = 1) -> aior
         socket_connect_timeout=timeouts.redis_connect_s,
         socket_timeout=timeouts.redis_read_s,
         socket_keepalive=True,
+        client_name=ASYNC_CLIENT_NAME,  # `CLIENT LIST` tells an operator whose they are
     )
     client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closing it closes the pool
     return client

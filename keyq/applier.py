@@ -75,6 +75,9 @@ class BatchOutcome:
     timer_fires: int = 0  # timer fires whose handler ran
     stale_timer_fires: int = 0  # fires of timers cancelled or rescheduled since their publish
     reroutes: list[Envelope] = field(default_factory=list)  # arrived on another partition
+    applied_by_entity: dict[str, int] = field(default_factory=dict)
+    # every message a handler saw: (envelope, "applied" | "rejected" | "crashed", error text)
+    messages: list[tuple[Envelope, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -387,6 +390,7 @@ class Applier:
         entity_type = act.entity_type
         policy = entity_type.instance.supervision(self._defaults)
         settled: dict[str, str] = {}  # message id -> encoded error reply (not applied to state)
+        failed: dict[str, tuple[str, str]] = {}  # message id -> (status, error) for observers
         attempts: dict[str, int] = {}
         state = act.state
         started = time.time()
@@ -401,6 +405,7 @@ class Applier:
                 env, exc, tb = crash.args
                 if isinstance(exc, Rejected):
                     outcome.rejected += 1
+                    failed[env.id] = ("rejected", f"{type(exc).__name__}: {exc}")
                     settled[env.id] = replies.encode(
                         replies.error("rejected", type(exc).__name__, str(exc))
                     )
@@ -431,6 +436,7 @@ class Applier:
                         self.on_progress()
                     else:
                         outcome.crashed += 1
+                        failed[env.id] = ("crashed", f"{type(exc).__name__}: {exc}")
                         settled[env.id] = replies.encode(
                             replies.error("crashed", type(exc).__name__, str(exc))
                         )
@@ -445,8 +451,12 @@ class Applier:
         window = max(self.settings.dedupe_window, len(pending))
         for env in pending:
             act.remember(env.id, window)
+            status, error = failed.get(env.id, ("applied", ""))
+            outcome.messages.append((env, status, error))
             if env.id not in settled:
                 outcome.applied += 1
+                name = entity_type.name
+                outcome.applied_by_entity[name] = outcome.applied_by_entity.get(name, 0) + 1
             if env.sent_at:
                 outcome.latencies_s.append(max(0.0, now - env.sent_at))
                 outcome.sent.append((env.partition, env.sent_at))

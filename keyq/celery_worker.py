@@ -81,6 +81,8 @@ def build_worker_app(
         acks_late=True,
         ignore_result=True,
         typing=False,
+        # Flower shows keyq's messages one by one (keyq.flower_events), not these carriers
+        send_events=False,
         Request="keyq.celery_worker:KeyqRequest",
     )
     def dispatch(self: Any, *args: object, **kwargs: object) -> None:
@@ -137,6 +139,12 @@ def build_worker_app(
                     runtime.ownership.tick()
                 except Exception:
                     log.exception("keyq ownership tick failed node=%s", node)
+                try:  # a held partition's consumer cancelled from outside is re-added
+                    from keyq.consumer_guard import readd_cancelled
+
+                    readd_cancelled(consumer, runtime.ownership, settings)
+                except Exception:
+                    log.exception("keyq consumer guard failed node=%s", node)
 
             def housekeeping() -> None:
                 try:

@@ -336,9 +336,13 @@ def demo(keys: int, messages: int, workers: int, calls: int) -> None:
 
 
 from keyq.dead_letters_cli import dead_letters  # noqa: E402
+from keyq.health import health  # noqa: E402
+from keyq.inspect import inspect  # noqa: E402
 from keyq.migrate_cli import migrate  # noqa: E402
 from keyq.schema_cli import schema  # noqa: E402
 
 main.add_command(dead_letters)
+main.add_command(health)
+main.add_command(inspect)
 main.add_command(migrate)
 main.add_command(schema)

@@ -1,18 +1,34 @@
 """Prometheus metrics: what the design brief asks operators to watch.
 
 Metrics live in one CollectorRegistry per process; ``serve`` exposes them over HTTP when
-KEYQ_METRICS_PORT is set.
+KEYQ_METRICS_PORT is set. Three kinds of figures, so that a sum over all scraped processes
+never counts anything twice:
+
+- per process: what this process did (applied, dead letters, restarts ... and ``process_*``);
+- partition-wide (depth, oldest message age, owner, live members, the shared cache counters):
+  exported by one elected process only, the holder of partition 0 (keyq.cluster_metrics);
+- probes: registry lookups timed by that same elected process, since the producers that look
+  names up export nothing.
 """
 
 from __future__ import annotations
 
 import errno
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from keyq.errors import ConfigurationError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds ... of this process
+PROCESS = ProcessCollector(registry=REGISTRY)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -55,9 +71,33 @@ activations = Gauge("keyq_activations", "Activations held by this process", regi
 partitions_owned = Gauge(
     "keyq_partitions_owned", "Partitions whose lease this process holds", registry=REGISTRY
 )
+# Not exported: every partition's depth comes from the elected process (keyq.cluster_metrics).
+# Kept as an object because the worker still forgets a released partition's label here.
 mailbox_depth = Gauge(
-    "keyq_mailbox_depth", "Queue length of an owned partition", ["partition"], registry=REGISTRY
+    "keyq_mailbox_depth", "Queue length of an owned partition", ["partition"], registry=None
 )
+dead_letters_by_entity = Counter(
+    "keyq_dead_letters_by_entity_total",
+    "Messages moved to the dead-letter table after a commit, per entity and reason",
+    ["entity", "reason"],
+    registry=REGISTRY,
+)
+node_info = Gauge(
+    "keyq_node_info",
+    "1, labelled with this worker process's node id (joins per-process figures to owners)",
+    ["node"],
+    registry=REGISTRY,
+)
+restart_ready_seconds = Histogram(
+    "keyq_restart_ready_seconds",
+    "From the last moment a partition was served to the moment it is served again "
+    "(takeover after a crash, or a handoff)",
+    ["kind"],
+    buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+for _kind in ("takeover", "reclaim"):  # at 0 from the start: increase() counts the first
+    restart_ready_seconds.labels(_kind)
 dispatch_latency = Histogram(
     "keyq_dispatch_latency_seconds",
     "Send to applied, per message",

@@ -9,7 +9,6 @@ message it took is committed, back at the head of its queue in order, or dead-le
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from keyq.mailbox import (
     partition_of_queue,
 )
 from keyq.ownership import OwnershipHooks, PartitionOwnership
+from keyq.publisher import Publisher
 from keyq.records import DeadLetter
 from keyq.registry import NameRegistry
 from keyq.reply import REPLY_TTL_MS
@@ -106,7 +106,8 @@ class WorkerRuntime(OwnershipHooks):
         self._batch_pulse: float | None = None  # last progress of the batch running, if any
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
-        self._producer: Any = None  # a Celery app to publish timer fires, made on first use
+        self._producer: Any = None  # a Celery app (its task protocol), made on first use
+        self._publisher: Publisher | None = None
         self._add_queue = add_queue
         self._cancel_queue = cancel_queue
         self._settle = settle
@@ -164,16 +165,19 @@ class WorkerRuntime(OwnershipHooks):
         metrics.partitions_owned.set(max(0, len(self.ownership.held()) - 1))
 
     def observe(self, held: dict[int, int]) -> None:
-        """Mailbox depth: the queue length of every partition held, from the heartbeat thread
-        (the consumer loop is busy exactly when the depth matters)."""
-        if not held:
-            return
-        for p, depth in self.mailbox.depths(sorted(held)).items():
-            metrics.mailbox_depth.labels(str(p)).set(depth)
+        """Gauges from the heartbeat thread (the consumer loop is busy exactly when they
+        matter): restart-ready stamps, and the partition-wide figures this process exports
+        while it holds partition 0 (keyq.worker_observer)."""
+        from keyq.worker_observer import WorkerObserver
+
+        observer = self.__dict__.get("_observer")
+        if observer is None:  # made here: observe() is the one hook that owns it
+            observer = self.__dict__["_observer"] = WorkerObserver(
+                self.redis, self.broker, self.settings, self.node_id
+            )
+        observer.observe(held)
 
     def forget(self, partition: int) -> None:
-        with contextlib.suppress(KeyError):
-            metrics.mailbox_depth.remove(str(partition))
         gone = self.activations.drop_partition(partition)
         for act in gone:
             self._on_passivate(act)
@@ -241,6 +245,13 @@ class WorkerRuntime(OwnershipHooks):
 
     def _progress(self) -> None:
         self._batch_pulse = time.monotonic()
+
+    def pulse(self) -> dict[str, object]:
+        """For `keyq status`: how long the batch in hand has gone without progress (None:
+        idle), and the watchdog's limit."""
+        pulse = self._batch_pulse
+        quiet = None if pulse is None else round(time.monotonic() - pulse, 2)
+        return {"batch_quiet_s": quiet, "watchdog_limit_s": self.watchdog_limit_s}
 
     def stalled(self) -> str | None:
         """The progress watchdog (the heartbeat thread asks): a batch that has not moved on for
@@ -500,25 +511,22 @@ class WorkerRuntime(OwnershipHooks):
             )
 
     def _count(self, outcome: BatchOutcome) -> None:
-        n = outcome.applied + outcome.rejected + outcome.crashed
-        metrics.batch_size.observe(n)
-        for latency in outcome.latencies_s:
-            metrics.dispatch_latency.observe(latency)
-        if outcome.duplicates:
-            metrics.duplicates_skipped.inc(outcome.duplicates)
-        for dl in outcome.dead_letters:
-            metrics.dead_letters.labels(dl.reason).inc()
-        for entity, count in outcome.restarts_by_entity.items():
-            metrics.restarts.labels(entity).inc(count)
-        for act in outcome.spawned:
-            metrics.spawns.labels(act.entity_type.name).inc()
-        if outcome.evicted:
-            metrics.passivations.labels("evicted").inc(len(outcome.evicted))
-            for act in outcome.evicted:
-                self._on_passivate(act)
+        from keyq import outcome_metrics
+        from keyq.flower_events import FlowerEvents, events_of
+
+        outcome_metrics.count(outcome)  # per-entity counters (keyq.outcome_metrics)
+        for act in outcome.evicted:
+            self._on_passivate(act)
         metrics.activations.set(len(self.activations))
-        if outcome.applied:
-            metrics.messages_applied.labels("all").inc(outcome.applied)
+        try:  # Celery task events per message for Flower (committed: nothing may raise)
+            flower = self.__dict__.get("_flower_events")
+            if flower is None:  # made here: _count() is the one hook that owns it
+                flower = self.__dict__["_flower_events"] = FlowerEvents(
+                    self.settings, self.node_id
+                )
+            flower.emit(events_of(outcome))
+        except Exception as e:
+            log.warning("keyq could not send task events node=%s error=%s", self.node_id, e)
 
     # --- housekeeping (consumer loop) ------------------------------------------------------
 
@@ -601,13 +609,16 @@ class WorkerRuntime(OwnershipHooks):
         self._send(envelopes[0].partition, [e.to_wire() for e in envelopes])
 
     def _send(self, partition: int, envelopes: list[object], rerouted: bool = False) -> None:
-        if self._producer is None:
-            self._producer = make_app(self.settings, name="keyq-worker", depth_limit=False)
-        self._producer.send_task(
-            DISPATCH_TASK,
-            args=[envelopes],
-            queue=self.settings.queue_name(partition),
-            headers={REROUTED_HEADER: True} if rerouted else None,
+        """Timer fires and re-routes: never refused at KEYQ_MAX_QUEUE_DEPTH (not new load)."""
+        if self._publisher is None:
+            self._producer = make_app(self.settings, name="keyq-worker")
+            self._publisher = Publisher(self.broker, self.settings, self._producer)
+        self._publisher.publish_raw(
+            partition,
+            envelopes,
+            None,
+            depth_limit=False,
+            extra_headers={REROUTED_HEADER: True} if rerouted else None,
         )
 
     def _on_passivate(self, act: Activation) -> None:

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from keyq.client import Client
-from keyq.ownership import assignment
+from keyq.ownership import OwnershipHooks, assignment
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, WorkerProcess, poll
@@ -243,7 +243,7 @@ def test_sigterm_finishes_the_batch_in_flight_then_releases_its_leases(
     assert new == f"{b.node_id(redis_client, settings)}|{a_token + 1}", "one grant, no expiry"
 
 
-class RecordingHooks:
+class RecordingHooks(OwnershipHooks):
     """Ownership hooks that only record what the ownership logic asks for, in order."""
 
     def __init__(self, node: str, events: list[tuple[str, str, int]]) -> None:

@@ -1,0 +1,178 @@
+"""Celery task events per keyq message, so Flower shows keyq as it is.
+
+Celery's own events describe broker messages: one ``keyq.dispatch`` task per broker message,
+SUCCESS whatever happened inside, while a batch applies many keyq messages (most of them drained
+without Celery seeing them). After each commit the worker sends, through Celery's own event
+protocol (the ``celeryev`` exchange that Flower reads), for each keyq message:
+
+    task-received, task-started, then task-succeeded, or task-failed for a crash that was
+    dead-lettered (``exception`` = the handler's error) and for a refusal (``Rejected``)
+
+with ``uuid`` = the keyq message id, ``name`` = ``<entity>.<op>`` and ``args`` = ``[key]``, from
+the worker's own node name. Events cost broker round trips, so successes are sampled above
+``KEYQ_FLOWER_EVENT_RATE`` messages per second (default 200; 0 turns the events off):
+a sampled task says so in its kwargs (``{"sampled": "1 in N"}``). Failures are always sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keyq.celery_app import make_app
+from keyq.errors import ConfigurationError
+from keyq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RATE_VARIABLE = "KEYQ_FLOWER_EVENT_RATE"
+DEFAULT_RATE = 200.0  # successful messages per second sent as events before sampling starts
+WINDOW_S = 1.0  # the sampling rate is decided per window of this length
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEvent:
+    """One keyq message's fate in a committed batch."""
+
+    message_id: str
+    entity: str
+    key: str
+    op: str
+    status: str  # "applied" | "rejected" | "crashed"
+    error: str = ""
+    runtime_s: float = 0.0
+
+
+def rate_from_env(env: dict[str, str] | None = None) -> float:
+    raw = (env if env is not None else dict(os.environ)).get(RATE_VARIABLE, "")
+    if not raw:
+        return DEFAULT_RATE
+    try:
+        rate = float(raw)
+    except ValueError as e:
+        raise ConfigurationError(
+            f"{RATE_VARIABLE}={raw!r} must be a number of events per second (0: off)"
+        ) from e
+    if rate < 0:
+        raise ConfigurationError(f"{RATE_VARIABLE}={raw!r} must be >= 0 (0: off)")
+    return rate
+
+
+class Sampler:
+    """Keeps successes under ``rate`` per second: 1 in N, N chosen from the last window."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.every = 1
+        self._window_start: float | None = None  # the first keep() opens the first window
+        self._seen = 0
+        self._counter = 0
+
+    def keep(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self._window_start is None:
+            self._window_start = now
+        elif now - self._window_start >= WINDOW_S:
+            per_s = self._seen / max(now - self._window_start, 1e-9)
+            self.every = max(1, math.ceil(per_s / self.rate - 1e-9))
+            self._window_start, self._seen = now, 0
+        self._seen += 1
+        self._counter += 1
+        return self._counter % self.every == 0
+
+
+class FlowerEvents:
+    """Sends the events of committed messages from one worker node."""
+
+    def __init__(self, settings: Settings, node: str, rate: float | None = None) -> None:
+        from keyq.celery_worker import celery_hostname  # the name Celery's own events use
+
+        if rate is None:
+            try:
+                rate = rate_from_env()
+            except ConfigurationError as e:  # after a commit nothing may raise: say it once
+                log.error("keyq task events are off: %s", e)
+                rate = 0.0
+        self.rate = rate
+        self.hostname = celery_hostname(node)
+        self.sampler = Sampler(self.rate or 1.0)
+        self._app: Any = None
+        self._dispatcher: Any = None
+        self._settings = settings
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def _open(self) -> Any:
+        if self._dispatcher is None:
+            self._app = make_app(self._settings, name="keyq-events", depth_limit=False)
+            connection = self._app.connection_for_write()
+            self._dispatcher = self._app.events.Dispatcher(
+                connection, hostname=self.hostname, groups=["task"],
+                buffer_while_offline=False,
+            )
+        return self._dispatcher
+
+    def emit(self, events: Iterable[MessageEvent]) -> int:
+        """Send the events (successes sampled); returns how many tasks were sent."""
+        if not self.enabled:
+            return 0
+        chosen = [e for e in events if e.status != "applied" or self.sampler.keep()]
+        if not chosen:
+            return 0
+        dispatcher = self._open()
+        kwargs = {"sampled": f"1 in {self.sampler.every}"} if self.sampler.every > 1 else {}
+        now = time.time()
+        for e in chosen:
+            dispatcher.send(
+                "task-received", uuid=e.message_id, name=f"{e.entity}.{e.op}",
+                args=repr([e.key]), kwargs=repr(kwargs if e.status == "applied" else {}),
+                retries=0, eta=None, root_id=e.message_id, parent_id=None,
+                timestamp=now - e.runtime_s,
+            )
+            dispatcher.send("task-started", uuid=e.message_id, timestamp=now - e.runtime_s)
+            if e.status == "applied":
+                dispatcher.send(
+                    "task-succeeded", uuid=e.message_id, result="applied",
+                    runtime=e.runtime_s, timestamp=now,
+                )
+            else:
+                dispatcher.send(
+                    "task-failed", uuid=e.message_id, exception=e.error or e.status,
+                    traceback="", timestamp=now,
+                )
+        return len(chosen)
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+            self._dispatcher = None
+        if self._app is not None:
+            self._app.close()
+            self._app = None
+
+
+def events_of(outcome: Any) -> list[MessageEvent]:
+    """A committed batch's message events. Uses the applier's per-message record when it keeps
+    one (``outcome.messages``: (envelope, status, error) rows); otherwise only the dead letters
+    of the batch are known one by one, and only they are sent (as failures)."""
+    rows: Sequence[Any] | None = getattr(outcome, "messages", None)
+    if rows is not None:
+        out = []
+        for env, status, error in rows:
+            out.append(MessageEvent(env.id, env.entity, env.key, env.op, status, error))
+        return out
+    return [
+        MessageEvent(
+            dl.message_id, dl.entity, dl.key, dl.op, "crashed",
+            f"{dl.error_type}: {dl.error_message}",
+        )
+        for dl in outcome.dead_letters
+        if dl.message_id
+    ]

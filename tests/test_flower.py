@@ -1,0 +1,136 @@
+"""Flower (the `ops` extra) against real workers: a crashed keyq message is a FAILURE task named
+for its entity and operation, with its key; the Broker API reports every partition queue's
+length (keyq's transport under Flower's `redis` scheme, see celeryconfig.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from keyq.client import Client
+from keyq.errors import HandlerCrashedError
+from keyq.settings import Settings
+from tests.conftest import ROOT, WorkerFactory, poll, settings_env
+from tests.ops_helpers import free_port
+from tests.ownership_helpers import database_url  # noqa: F401  (PostgreSQL only)
+
+AUTH = "ops:flower-test"
+
+
+@pytest.fixture
+def flower(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    celery = Path(sys.executable).parent / "celery"
+    assert (celery.exists() and shutil.which("flower")) or _has_flower(), (
+        "Flower is not installed: pip install '.[ops]'"
+    )
+    port = free_port()
+    log = tmp_path / "flower.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(celery), "--config", "celeryconfig", "flower", f"--port={port}",
+             "--address=127.0.0.1", f"--basic-auth={AUTH}", "--persistent=False"],
+            env=settings_env(settings), cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        poll(lambda: _answers(base) or proc.poll() is not None, 30.0, what="Flower to answer")
+        assert proc.poll() is None, log.read_text()
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _has_flower() -> bool:
+    try:
+        import flower  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/healthcheck", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def api(base: str, path: str) -> Any:
+    request = urllib.request.Request(f"{base}{path}")
+    request.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_flower_shows_a_crashed_message_as_failure_and_every_queue_length(
+    flower: str,
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+) -> None:
+    start_worker()
+    assert client.call("counter", "fine", "add", {"by": 1}) == 1
+    crashed = client.send("flaky", "poison-key", "boom", {"n": 1})
+    with pytest.raises(HandlerCrashedError):
+        client.call("flaky", "poison-key-2", "boom", {"n": 2})
+
+    def failed_task() -> dict[str, Any] | None:
+        tasks = api(flower, "/api/tasks?limit=1000")
+        task = tasks.get(crashed)
+        return task if task and task.get("state") == "FAILURE" else None
+
+    task = poll(failed_task, 20.0, what="Flower to show the crashed message as FAILURE")
+    assert isinstance(task, dict)
+    assert task["name"] == "flaky.boom"
+    assert "poison-key" in str(task["args"])
+    assert "boom" in str(task.get("exception"))
+
+    last: list[Any] = []
+
+    def lengths() -> dict[str, int] | None:
+        api(flower, "/api/workers?refresh=1")  # what the Workers page's refresh does
+        got = api(flower, "/api/queues/length")
+        last[:] = [got]
+        found = {q["name"]: q["messages"] for q in got.get("active_queues", [])}
+        wanted = {settings.queue_name(p) for p in range(settings.partitions)}
+        return found if wanted <= set(found) else None
+
+    try:
+        found = poll(lengths, 20.0, what="Flower to report every partition queue's length")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; Flower answered {last}") from None
+    assert isinstance(found, dict)
+    assert all(isinstance(n, int) and n >= 0 for n in found.values())
+
+
+def test_events_are_sampled_above_the_configured_rate_and_failures_never() -> None:
+    from keyq.errors import ConfigurationError
+    from keyq.flower_events import Sampler, rate_from_env
+
+    s = Sampler(rate=100.0)
+    kept_slow = sum(s.keep(now=i * 0.02) for i in range(50))  # 50 per s over 1 s: all kept
+    assert kept_slow == 50 and s.every == 1
+    s = Sampler(rate=100.0)
+    kept = sum(s.keep(now=i * 0.001) for i in range(3000))  # 1,000 per s over 3 s
+    assert s.every == 10
+    assert 1150 <= kept <= 1250  # the first window whole, then 1 in 10 (about 100 per s)
+    assert rate_from_env({}) == 200.0 and rate_from_env({"KEYQ_FLOWER_EVENT_RATE": "0"}) == 0
+    with pytest.raises(ConfigurationError, match="KEYQ_FLOWER_EVENT_RATE"):
+        rate_from_env({"KEYQ_FLOWER_EVENT_RATE": "lots"})
