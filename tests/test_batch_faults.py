@@ -62,6 +62,13 @@ def test_a_fault_at_any_step_of_a_batch_loses_doubles_and_reorders_nothing(
         client.send_many("journal", [(k, "append", n) for k in KEYS])
         if n % 4 == 0:
             client.send("journal", KEYS[n], "append", "single")
+        # one round at a time: at least one batch per round, whatever the machine's speed,
+        # so the fault's call number is reached
+        poll(
+            lambda n=n: len(journal(repo, KEYS[-1])) >= n + 1,
+            timeout=30,
+            what=f"round {n} applied",
+        )
     expected = {k: [] for k in KEYS}
     for n in range(ROUNDS):
         for k in KEYS:
