@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from keyq.client import Client
+from keyq.cluster import Membership
 from keyq.repo import Repo
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
@@ -65,8 +66,13 @@ def test_watchdog_gives_up_the_leases_of_a_node_stuck_out_of_the_time_limits_rea
     key = key_on(settings, partition, "stuck")
     neighbour = key_on(settings, partition, "nb")
     client.send("spinner", key, "stuck")
-    queue = settings.queue_name(partition)
-    poll(lambda: client.redis.llen(queue) == 0, what="the stuck message taken")
+    membership = Membership(client.redis, settings)
+
+    def in_the_handler() -> bool:  # the batch stopped moving: the handler spins (heartbeats)
+        quiet = [membership.info(node).get("batch_quiet_s") for node in membership.live()]
+        return any(isinstance(q, int | float) and q > 0.5 for q in quiet)
+
+    poll(in_the_handler, timeout=30, what="the stuck handler to be running")
     client.send("spinner", neighbour, "see", 1)  # waits behind it, in the queue
     assert stuck.proc.wait(30) == 70, stuck.log()[-2000:]
     assert "keyq watchdog: no progress" in stuck.log()
