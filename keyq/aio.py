@@ -8,7 +8,7 @@ so the listener re-issues its BLPOP with the new key; a burst of calls costs one
 one pipelined LPOP sweep collects the other replies that arrived meanwhile (a group commit
 answers many calls together). 1,000 concurrent calls use two Redis connections, not 1,000.
 
-Everything else is the synchronous Client's: the same validation (keyq.envelope.make_envelope,
+Everything else is the synchronous Client's: the same validation (keyq.envelope.producer_envelope,
 typed payloads, idempotency keys) and typed errors, the same message bytes on the broker
 (keyq.publisher, from Celery's own task protocol), the same cache and registry scripts.
 A cache miss on ``read`` loads from the Repo in a thread (SQLAlchemy is synchronous).
@@ -32,7 +32,7 @@ from keyq import reply as replies
 from keyq.cache import member
 from keyq.celery_app import make_app
 from keyq.entity import JSON, EntityRegistry
-from keyq.envelope import Envelope, check_key, make_envelope
+from keyq.envelope import Envelope, check_key, producer_envelope
 from keyq.errors import (
     BrokerUnavailableError,
     CacheUnavailableError,
@@ -226,15 +226,13 @@ class AsyncClient:
         idempotency_key: str | None = None,
     ) -> Envelope:
         """Validate and build a message without publishing it (as Client.envelope)."""
-        return make_envelope(
+        return producer_envelope(
             self.registry,
+            self.settings,
             entity,
             key,
             op,
             payload,
-            partitions=self.settings.partitions,
-            max_key_length=self.settings.max_key_length,
-            max_payload_bytes=self.settings.max_payload_bytes,
             reply=reply,
             idempotency_key=idempotency_key,
         )

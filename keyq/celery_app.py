@@ -35,7 +35,6 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_transport": "keyq.transport:Transport",
         "broker_transport_options": {
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
-            "brpop_timeout": BRPOP_TIMEOUT_S,
             "priority_steps": [0],
             **broker_transport_options(settings.timeouts),
             "keyq_max_queue_depth": settings.max_queue_depth,  # keyq.transport reads it

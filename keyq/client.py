@@ -18,7 +18,7 @@ from keyq.cache import StateCache
 from keyq.celery_app import make_app
 from keyq.connections import blocking_pop, redis_client
 from keyq.entity import JSON, EntityRegistry
-from keyq.envelope import Envelope, check_key, make_envelope
+from keyq.envelope import Envelope, check_key, producer_envelope
 from keyq.errors import (
     BrokerUnavailableError,
     CacheUnavailableError,
@@ -114,15 +114,13 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Envelope:
         """Validate and build a message without publishing it."""
-        return make_envelope(
+        return producer_envelope(
             self.registry,
+            self.settings,
             entity,
             key,
             op,
             payload,
-            partitions=self.settings.partitions,
-            max_key_length=self.settings.max_key_length,
-            max_payload_bytes=self.settings.max_payload_bytes,
             reply=reply,
             message_id=message_id,
             idempotency_key=idempotency_key,

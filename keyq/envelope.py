@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyq.entity import JSON, RESERVED_OP_PREFIX, EntityRegistry
 from keyq.errors import (
@@ -25,6 +25,9 @@ from keyq.errors import (
     ValidationError,
 )
 from keyq.routing import partition_for
+
+if TYPE_CHECKING:
+    from keyq.settings import Settings
 
 ENVELOPE_VERSION = 1
 MAX_MESSAGE_ID_LENGTH = 128  # the dead-letter table's message_id column
@@ -169,6 +172,30 @@ def idempotent_message_id(entity: str, key: str, idempotency_key: str) -> str:
         raise ValidationError("idempotency_key must be valid Unicode text")
     material = json.dumps(["keyq-idempotency-v1", entity, key, idempotency_key])
     return hashlib.blake2b(material.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def producer_envelope(
+    registry: EntityRegistry,
+    settings: Settings,
+    entity: str,
+    key: str,
+    op: str,
+    payload: JSON = None,
+    **options: Any,
+) -> Envelope:
+    """make_envelope with the deployment's limits (what every producer builds: the Client,
+    the AsyncClient, the test harness)."""
+    return make_envelope(
+        registry,
+        entity,
+        key,
+        op,
+        payload,
+        partitions=settings.partitions,
+        max_key_length=settings.max_key_length,
+        max_payload_bytes=settings.max_payload_bytes,
+        **options,
+    )
 
 
 def make_envelope(

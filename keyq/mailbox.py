@@ -382,11 +382,6 @@ class Mailbox:
         found = self._nonempty(keys=[poison_key(self.queue(p)) for p in partitions])
         return [partitions[int(i) - 1] for i in found[::2]]
 
-    def depths(self, partitions: Sequence[int]) -> dict[int, int]:
-        pipe = self.broker.pipeline(transaction=False)
-        for p in partitions:
-            pipe.llen(self.queue(p))
-        return {p: int(n) for p, n in zip(partitions, pipe.execute(), strict=True)}
 
 
 # --- what is on the broker (status, demo, benchmarks, the chaos tool) -------------------------

@@ -39,7 +39,7 @@ from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
 from keyq.applier import Applier, BatchOutcome
 from keyq.entity import JSON, Entity, EntityRegistry
-from keyq.envelope import make_envelope
+from keyq.envelope import producer_envelope
 from keyq.errors import CallTimeoutError
 from keyq.memory_repo import MemoryRepo, json_copy
 from keyq.records import DeadLetter, TimerRow
@@ -237,15 +237,13 @@ class Harness:
         reply: bool = False,
     ) -> str:
         """Queue a message (validated like Client.send); nothing is applied until run()."""
-        env = make_envelope(
+        env = producer_envelope(
             self.registry,
+            self.settings,
             entity,
             key,
             op,
             payload,
-            partitions=self.settings.partitions,
-            max_key_length=self.settings.max_key_length,
-            max_payload_bytes=self.settings.max_payload_bytes,
             reply=reply,
             idempotency_key=idempotency_key,
         )
@@ -311,16 +309,7 @@ class Harness:
     def apply_as(self, process: Process, entity: str, key: str, op: str, payload: JSON) -> None:
         """Have a (dead, paused) process apply one message now: a stale owner's write, which
         the fencing token refuses with StaleWriteError once a newer owner exists."""
-        env = make_envelope(
-            self.registry,
-            entity,
-            key,
-            op,
-            payload,
-            partitions=self.settings.partitions,
-            max_key_length=self.settings.max_key_length,
-            max_payload_bytes=self.settings.max_payload_bytes,
-        )
+        env = producer_envelope(self.registry, self.settings, entity, key, op, payload)
         self._after_commit(self._apply(process, {env.partition: [json_copy(env.to_wire())]}))
 
     def _apply(self, process: Process, taken: dict[int, list[dict[str, Any]]]) -> BatchOutcome:
