@@ -6,7 +6,8 @@ without Celery seeing them). After each commit the worker sends, through Celery'
 protocol (the ``celeryev`` exchange that Flower reads), for each keyq message:
 
     task-received, task-started, then task-succeeded, or task-failed for a crash that was
-    dead-lettered (``exception`` = the handler's error) and for a refusal (``Rejected``)
+    dead-lettered (``exception`` = the handler's error), for a refusal by the handler
+    (``Rejected``) and for a message the apply step refused (malformed, unknown entity or op)
 
 with ``uuid`` = the keyq message id, ``name`` = ``<entity>.<op>`` and ``args`` = ``[key]``, from
 the worker's own node name. Events cost broker round trips, so successes are sampled above
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +45,7 @@ class MessageEvent:
     entity: str
     key: str
     op: str
-    status: str  # "applied" | "rejected" | "crashed"
+    status: str  # "applied" | "rejected" | "crashed" | "refused" (by the apply step)
     error: str = ""
     runtime_s: float = 0.0
 
@@ -158,21 +160,45 @@ class FlowerEvents:
             self._app = None
 
 
+REFUSALS = frozenset({"malformed", "unknown"})  # dead-letter reasons of the apply step's refusals
+# the task name (entity.op) of a refused message that does not say its entity and op
+REFUSED_ENTITY, REFUSED_OP = "keyq", "refused"
+
+
 def events_of(outcome: Any) -> list[MessageEvent]:
     """A committed batch's message events. Uses the applier's per-message record when it keeps
     one (``outcome.messages``: (envelope, status, error) rows); otherwise only the dead letters
-    of the batch are known one by one, and only they are sent (as failures)."""
+    of the batch are known one by one, and only they are sent (as failures).
+
+    Messages the apply step refused (malformed, or naming an unknown entity or operation) never
+    reach a handler, so they are not in ``outcome.messages``: their dead letters are sent as
+    failures too, named ``<entity>.<op>`` when the message says so, else ``keyq.refused``, and
+    under a made-up id when they carry none (Flower files tasks by id)."""
     rows: Sequence[Any] | None = getattr(outcome, "messages", None)
-    if rows is not None:
-        out = []
-        for env, status, error in rows:
-            out.append(MessageEvent(env.id, env.entity, env.key, env.op, status, error))
-        return out
-    return [
-        MessageEvent(
-            dl.message_id, dl.entity, dl.key, dl.op, "crashed",
-            f"{dl.error_type}: {dl.error_message}",
+    if rows is None:
+        return [
+            MessageEvent(
+                dl.message_id, dl.entity, dl.key, dl.op, "crashed",
+                f"{dl.error_type}: {dl.error_message}",
+            )
+            for dl in outcome.dead_letters
+            if dl.message_id
+        ]
+    out = [MessageEvent(env.id, env.entity, env.key, env.op, status, error)
+           for env, status, error in rows]
+    known = {e.message_id for e in out}
+    for dl in outcome.dead_letters:
+        if dl.reason not in REFUSALS or (dl.message_id and dl.message_id in known):
+            continue
+        named = bool(dl.entity and dl.op)
+        out.append(
+            MessageEvent(
+                dl.message_id or f"keyq-refused-{uuid.uuid4().hex}",
+                dl.entity if named else REFUSED_ENTITY,
+                dl.key,
+                dl.op if named else REFUSED_OP,
+                "refused",
+                f"{dl.error_type}: {dl.error_message} (dead letter: {dl.reason})",
+            )
         )
-        for dl in outcome.dead_letters
-        if dl.message_id
-    ]
+    return out

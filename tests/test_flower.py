@@ -1,6 +1,8 @@
 """Flower (the `ops` extra) against real workers: a crashed keyq message is a FAILURE task named
-for its entity and operation, with its key; the Broker API reports every partition queue's
-length (keyq's transport under Flower's `redis` scheme, see celeryconfig.py)."""
+for its entity and operation, with its key, and so is a message the apply step refused (unknown
+operation; a malformed one without an id as `keyq.refused`); the Broker API reports every
+partition queue's length (keyq's transport under Flower's `redis` scheme, see
+celeryconfig.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from typing import Any
 import pytest
 import redis
 
+from keyq.celery_app import DISPATCH_TASK
 from keyq.client import Client
 from keyq.errors import HandlerCrashedError
+from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import ROOT, WorkerFactory, poll, settings_env
 from tests.ops_helpers import free_port
@@ -78,7 +82,7 @@ def api(base: str, path: str) -> Any:
         return json.loads(r.read())
 
 
-def test_flower_shows_a_crashed_message_as_failure_and_every_queue_length(
+def test_flower_shows_crashed_and_refused_messages_as_failures_and_every_queue_length(
     flower: str,
     start_worker: WorkerFactory,
     client: Client,
@@ -101,6 +105,33 @@ def test_flower_shows_a_crashed_message_as_failure_and_every_queue_length(
     assert task["name"] == "flaky.boom"
     assert "poison-key" in str(task["args"])
     assert "boom" in str(task.get("exception"))
+
+    # refused by the apply step, never seen by a handler: an unknown operation, and a malformed
+    # message without an id, published around the Client's validation as a foreign producer could
+    wire = client.envelope("counter", "refused-key", "add", {"by": 1}).to_wire()
+    unknown_id = "unknown-op-1"
+    queue = settings.queue_name(partition_for("refused-key", settings.partitions))
+    client.app.send_task(
+        DISPATCH_TASK, args=[[{**wire, "id": unknown_id, "op": "no_such_op"}]], queue=queue
+    )
+    client.app.send_task(DISPATCH_TASK, args=[[{"bad": 1}]], queue=queue)
+
+    def refused_tasks() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        tasks = api(flower, "/api/tasks?limit=1000")
+        unknown = tasks.get(unknown_id)
+        malformed = [t for t in tasks.values() if t.get("name") == "keyq.refused"]
+        if unknown and unknown.get("state") == "FAILURE" and malformed:
+            return unknown, malformed[0]
+        return None
+
+    refused = poll(refused_tasks, 20.0, what="Flower to show the refused messages as FAILURE")
+    assert isinstance(refused, tuple)
+    unknown, malformed = refused
+    assert unknown["name"] == "counter.no_such_op"
+    assert "refused-key" in str(unknown["args"])
+    assert "no operation 'no_such_op'" in str(unknown.get("exception")), unknown
+    assert malformed["state"] == "FAILURE"
+    assert "lacks field(s)" in str(malformed.get("exception")), malformed
 
     last: list[Any] = []
 
