@@ -41,6 +41,7 @@ from keyq.errors import (
     PartialPublishError,
     ValidationError,
 )
+from keyq.lookup_stats import LookupStats
 from keyq.publisher import MessageBuilder, wake_key
 from keyq.registry import Resolution
 from keyq.scripts import lua_source
@@ -195,10 +196,16 @@ class AsyncClient:
         self._replies = _ReplyListener(self.settings.redis_url, self.settings, self.redis)
         self._cache_read = self.redis.register_script(lua_source("cache_read"))
         self._live = self.redis.register_script(lua_source("live_members"))
+        self._lookups = LookupStats(self.settings)  # resolve's figures, counted in Redis
         self._repo: Repo | None = None
         self._sync_cache: Any = None
 
     async def close(self) -> None:
+        if self._lookups.has_pending:  # the last lookups' latencies and failures
+            with contextlib.suppress(redis.RedisError, OSError):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    self._lookups.add_to(pipe, lookup=False)
+                    await pipe.execute()
         await self._replies.close()
         if self.broker is not self.redis:
             await self.broker.aclose()
@@ -398,8 +405,16 @@ class AsyncClient:
         """Which node holds the key's activation now (or that it is not active)."""
         self.registry.get(entity)
         started = time.perf_counter()
+        failed = False
         try:
-            raw = await self.redis.get(self.settings.redis_key("n", entity, key))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.settings.redis_key("n", entity, key))
+                taken = self._lookups.add_to(pipe)  # counted in Redis (keyq.lookup_stats)
+                try:
+                    raw = (await pipe.execute())[0]
+                except redis.RedisError:
+                    self._lookups.give_back(taken)
+                    raise
             if raw is None:
                 return Resolution(entity, key, None)
             node = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -407,10 +422,13 @@ class AsyncClient:
                 keys=[self.settings.redis_key("members")], args=[self.settings.lease_ttl_ms]
             )
         except redis.RedisError as e:
+            failed = True
             metrics.registry_lookup_failures.inc()
             raise CacheUnavailableError(f"registry lookup of {entity}/{key} failed: {e}") from e
         finally:
-            metrics.registry_lookup_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.registry_lookup_seconds.observe(elapsed)
+            self._lookups.done(elapsed, failed)
         ages = {rows[i].decode(): int(rows[i + 1]) for i in range(0, len(rows), 2)}
         if node not in ages:
             return Resolution(entity, key, None)

@@ -27,8 +27,10 @@ from keyq.errors import (
     PartialPublishError,
     ValidationError,
 )
+from keyq.lookup_stats import LookupStats
 from keyq.publisher import Publisher
 from keyq.registry import NameRegistry, Resolution
+from keyq.scripts import register
 from keyq.settings import Settings, redact_url
 
 if TYPE_CHECKING:  # only reads that miss the cache need the database (and SQLAlchemy)
@@ -60,6 +62,8 @@ class Client:
         self.publisher = Publisher(self.broker, self.settings, self.app)
         self.cache = StateCache(self.redis, self.settings)
         self.names = NameRegistry(self.redis, self.settings)
+        self.lookups = LookupStats(self.settings)  # resolve's figures, counted in Redis
+        self._live = register(self.redis, "live_members")
         self._repo: Repo | None = None
 
     def _entities(self) -> EntityRegistry:
@@ -86,6 +90,13 @@ class Client:
         return self._repo
 
     def close(self) -> None:
+        if self.lookups.has_pending:  # the last lookups' latencies and failures
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                self.lookups.add_to(pipe, lookup=False)
+                pipe.execute()
+            except redis.RedisError:
+                pass  # figures only: closing never fails for them
         self.publisher.close()
         self.redis.close()
         if self.broker is not self.redis:
@@ -265,16 +276,39 @@ class Client:
         return stored.state
 
     def resolve(self, entity: str, key: str) -> Resolution:
-        """Which node holds the key's activation now (or that it is not active)."""
+        """Which node holds the key's activation now (or that it is not active).
+
+        Counted in Redis by the lookup's own pipeline (keyq.lookup_stats), for the exporter."""
         self.registry.get(entity)
         started = time.perf_counter()
+        failed = False
         try:
-            return self.names.resolve(entity, key)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.names.name_key(entity, key))
+            taken = self.lookups.add_to(pipe)
+            try:
+                node_raw = pipe.execute()[0]
+            except redis.RedisError:
+                self.lookups.give_back(taken)
+                raise
+            if node_raw is None:
+                return Resolution(entity, key, None)
+            node = node_raw.decode() if isinstance(node_raw, bytes) else str(node_raw)
+            rows = self._live(
+                keys=[self.settings.redis_key("members")], args=[self.settings.lease_ttl_ms]
+            )
         except redis.RedisError as e:
+            failed = True
             metrics.registry_lookup_failures.inc()
             raise CacheUnavailableError(f"registry lookup of {entity}/{key} failed: {e}") from e
         finally:
-            metrics.registry_lookup_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.registry_lookup_seconds.observe(elapsed)
+            self.lookups.done(elapsed, failed)
+        ages = {rows[i].decode(): int(rows[i + 1]) for i in range(0, len(rows), 2)}
+        if node not in ages:
+            return Resolution(entity, key, None)  # its node is gone: a leftover name
+        return Resolution(entity, key, node, ages[node])
 
     def queue_depths(self) -> dict[int, int]:
         pipe = self.redis.pipeline(transaction=False)

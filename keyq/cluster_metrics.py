@@ -10,8 +10,9 @@ none or (at worst, for one scrape) two processes export: Prometheus' ``max by (p
 in the alert rules is indifferent to that.
 
 The elected process also exports the cache's hit and miss counters (kept in Redis by every
-reader, keyq.cache) and times a registry lookup of a probe name, since the producers that do
-the real lookups export nothing.
+reader, keyq.cache) with their hit ratio, the producers' registry lookups (counted in Redis by
+every producer's resolve, keyq.lookup_stats), and times a registry lookup of a probe name of
+its own.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from keyq import metrics
 from keyq.cache import StateCache
 from keyq.celery_app import DISPATCH_TASK
 from keyq.cluster import Leases, Membership
+from keyq.lookup_stats import LookupFigures, parse, stats_key
 from keyq.mailbox import PARTITION_TASKS, decode, poison_key
 from keyq.registry import NameRegistry
 from keyq.settings import Settings
@@ -54,6 +60,7 @@ class Snapshot:
     members: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    lookups: LookupFigures = field(default_factory=LookupFigures)
 
 
 def oldest_sent_at(raws: Sequence[bytes | None]) -> float | None:
@@ -83,6 +90,7 @@ def read_snapshot(
     holders = Leases(client, settings).holders()
     members = len(Membership(client, settings).live())
     cache = StateCache(client, settings).stats()
+    lookups = parse(client.hgetall(stats_key(settings)))
     pipe = broker.pipeline(transaction=False)
     for p in range(n):
         queue = settings.queue_name(p)
@@ -99,6 +107,7 @@ def read_snapshot(
         members=members,
         cache_hits=cache["hits"],
         cache_misses=cache["misses"],
+        lookups=lookups,
         owner={p: h.owner for p, h in holders.items()},
     )
     for p in range(n):
@@ -163,7 +172,9 @@ class PartitionFigures(Collector):
 
     # --- the scrape ------------------------------------------------------------------------
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         with self._lock:
             snap = self._snapshot if self._elected else None
         if snap is None:
@@ -211,6 +222,14 @@ class PartitionFigures(Collector):
         reads.add_metric(["hit"], snap.cache_hits)
         reads.add_metric(["miss"], snap.cache_misses)
         yield reads
+        if snap.cache_hits + snap.cache_misses:
+            hit_ratio = GaugeMetricFamily(
+                "keyq_cache_hit_ratio",
+                "Share of every producer's cache reads that hit, since the counters began",
+            )
+            hit_ratio.add_metric([], snap.cache_hits / (snap.cache_hits + snap.cache_misses))
+            yield hit_ratio
+        yield from _lookup_families(snap.lookups)
         exporter = GaugeMetricFamily(
             "keyq_cluster_exporter",
             "1 on the one process that exports the partition-wide figures",
@@ -218,6 +237,32 @@ class PartitionFigures(Collector):
         )
         exporter.add_metric([self.node], 1.0)
         yield exporter
+
+
+def _lookup_families(
+    f: LookupFigures,
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    """The producers' registry lookups, as counted in Redis (keyq.lookup_stats)."""
+    lookups = CounterMetricFamily(
+        "keyq_producer_lookups", "Registry lookups (resolve) by every producer, counted in Redis"
+    )
+    lookups.add_metric([], f.lookups)
+    yield lookups
+    errors = CounterMetricFamily(
+        "keyq_producer_lookup_errors", "Producers' registry lookups that failed"
+    )
+    errors.add_metric([], f.errors)
+    yield errors
+    latency = HistogramMetricFamily(
+        "keyq_producer_lookup_seconds",
+        "Producers' registry lookup latency (each arrives with the producer's next lookup)",
+    )
+    latency.add_metric(
+        [],
+        [(f"{bound:g}", float(n)) for bound, n in f.buckets] + [("+Inf", float(f.timed))],
+        sum_value=f.seconds,
+    )
+    yield latency
 
 
 def _per_partition(

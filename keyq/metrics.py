@@ -98,6 +98,14 @@ restart_ready_seconds = Histogram(
 )
 for _kind in ("takeover", "reclaim"):  # at 0 from the start: increase() counts the first
     restart_ready_seconds.labels(_kind)
+key_restart_ready_seconds = Histogram(
+    "keyq_key_restart_ready_seconds",
+    "From a handler crash to its key being ready again (backoff waited, state reloaded from "
+    "the Repo), per entity; observed by the applier for each restart",
+    ["entity"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30),
+    registry=REGISTRY,
+)
 dispatch_latency = Histogram(
     "keyq_dispatch_latency_seconds",
     "Send to applied, per message",
@@ -116,6 +124,17 @@ commit_seconds = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+REPO_OPS = ("load", "load_timers", "commit", "due_timers")  # the Repo calls on a worker's paths
+repo_seconds = Histogram(
+    "keyq_repo_seconds",
+    "Repo call latency by operation (load: states of activating or reloaded keys, load_timers, "
+    "commit: a batch's transaction, due_timers: the timer poll), failed calls included",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+for _op in REPO_OPS:  # at 0 from the start
+    repo_seconds.labels(_op)
 registry_lookup_seconds = Histogram(
     "keyq_registry_lookup_seconds",
     "Registry resolve latency",

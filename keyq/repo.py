@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from keyq import metrics
 from keyq.connections import DEFAULT_TIMEOUTS, Timeouts, engine_options
 from keyq.entity import JSON
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
@@ -107,6 +109,28 @@ _TRANSIENT = (
     sa.exc.DisconnectionError,
     sa.exc.TimeoutError,  # no pooled connection within the wait
 )
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _timed(op: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Time a Repo call into keyq_repo_seconds{op} (failed calls too)."""
+    histogram = metrics.repo_seconds.labels(op)
+
+    def wrap(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @wraps(fn)
+        def timed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                histogram.observe(time.perf_counter() - started)
+
+        return timed
+
+    return wrap
 
 
 def repo_error(e: BaseException, what: str) -> RepoError:
@@ -272,6 +296,7 @@ class Repo:
 
     # --- reads -----------------------------------------------------------------------------
 
+    @_timed("load")
     def load(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], StoredState]:
         """Load the stored state of many keys of one or more entities in one query per entity."""
         by_entity: dict[str, list[str]] = {}
@@ -359,6 +384,7 @@ class Repo:
         except SQLAlchemyError as e:
             raise RepoError(f"recording fence {fence} of partition {partition} failed: {e}") from e
 
+    @_timed("commit")
     def commit(
         self,
         partition: int,
@@ -484,6 +510,7 @@ class Repo:
 
     # --- timers ----------------------------------------------------------------------------
 
+    @_timed("load_timers")
     def load_timers(
         self, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, TimerRow]]:
@@ -508,6 +535,7 @@ class Repo:
             raise RepoError(f"loading the timers of {len(found)} key(s) failed: {e}") from e
         return found
 
+    @_timed("due_timers")
     def due_timers(self, partitions: Iterable[int], now_ms: int, limit: int) -> list[TimerRow]:
         """Timers of these partitions due at now_ms, earliest first, at most `limit`."""
         parts = sorted(set(partitions))

@@ -110,3 +110,70 @@ def test_workers_export_per_entity_counters_and_one_process_the_partition_figure
     count = total(after, "keyq_restart_ready_seconds_count", kind="takeover")
     mean = total(after, "keyq_restart_ready_seconds_sum", kind="takeover") / count
     assert 0.0 < mean < 2.0  # the brief's restart-ready SLO, with an 800 ms lease
+
+
+def exported(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+             **labels: str) -> float:
+    """The sum of a metric's samples with these labels; fails when the worker exports none."""
+    found = [
+        v for (n, ls), v in samples.items()
+        if n == name and all((k, val) in ls for k, val in labels.items())
+    ]
+    assert found, f"{name}{labels or ''} is not exported"
+    return sum(found)
+
+
+def test_worker_exports_repo_latency_and_the_producers_lookups_and_hit_ratio(
+    start_worker: WorkerFactory, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Repo calls on the worker's paths are timed by operation; the registry lookups and cache
+    reads of producers (which serve no metrics) are counted in Redis and exported by the
+    holder of partition 0."""
+    import asyncio
+
+    from keyq.aio import AsyncClient
+
+    port = free_port()
+    start_worker(env={"KEYQ_METRICS_PORT": str(port)})
+    keys = [f"r{i}" for i in range(4)]
+    producer = Client(settings)
+    try:
+        for k in keys:  # activations: the worker loads each key from the Repo, then commits
+            assert producer.call("counter", k, "add", {"by": 1}) == 1
+        assert [producer.read("counter", k) for k in keys] == [{"value": 1}] * 4  # cache hits
+        assert producer.read("counter", "never-sent") is None  # a miss
+        active = [producer.resolve("counter", k).active for k in keys]
+        assert active == [True] * 4
+        assert not producer.resolve("counter", "never-sent").active
+    finally:
+        producer.close()  # sends the last lookup's latency
+
+    async def async_lookups() -> list[bool]:
+        async with AsyncClient(settings) as aio:
+            return [(await aio.resolve("counter", k)).active for k in keys[:2]]
+
+    assert asyncio.run(async_lookups()) == [True, True]
+    lookups = 5 + 2
+    stats = redis_client.hgetall(settings.redis_key("stats", "cache"))
+    hits, misses = int(stats[b"hits"]), int(stats[b"misses"])
+    assert hits >= 4 and misses >= 1
+
+    def scraped() -> dict | None:
+        s = scrape(port)
+        if total(s, "keyq_producer_lookup_seconds_count") < lookups:
+            return None
+        return s
+
+    s = poll(scraped, 20.0, what="the producers' lookups exported")
+    assert isinstance(s, dict)
+    assert exported(s, "keyq_producer_lookups_total") == lookups
+    assert exported(s, "keyq_producer_lookup_seconds_count") == lookups
+    assert exported(s, "keyq_producer_lookup_seconds_bucket", le="+Inf") == lookups
+    assert 0 < exported(s, "keyq_producer_lookup_seconds_sum") < lookups * 5.0
+    assert exported(s, "keyq_producer_lookup_errors_total") == 0
+    assert exported(s, "keyq_cache_hit_ratio") == pytest.approx(hits / (hits + misses))
+    assert exported(s, "keyq_cache_lookups_total", outcome="hit") == hits
+    # the worker's Repo reads (key loads) and writes (batch commits), timed by operation
+    assert exported(s, "keyq_repo_seconds_count", op="load") >= 1
+    assert exported(s, "keyq_repo_seconds_count", op="commit") >= len(keys)
+    assert exported(s, "keyq_repo_seconds_sum", op="load") > 0
