@@ -14,8 +14,8 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from keyq import reply as replies
@@ -95,6 +95,33 @@ class _Crash(Exception):
     """Internal: a handler outcome that needs a reload of the key."""
 
 
+@dataclass
+class _KeyJob:
+    """One key of a batch: its run (paused while it backs off) and what it did so far."""
+
+    partition: int
+    run: Generator[float, None, StateWrite | None]
+    part: BatchOutcome  # merged into the batch's outcome once the key is done
+    due: float = 0.0  # monotonic time its restart backoff ends
+    done: bool = False
+    write: StateWrite | None = None
+
+
+def _merge(into: BatchOutcome, part: BatchOutcome) -> None:
+    """Add what one key did to a batch's outcome."""
+    for f in fields(BatchOutcome):
+        if f.name == "partition":
+            continue
+        mine, theirs = getattr(into, f.name), getattr(part, f.name)
+        if isinstance(mine, list):
+            mine.extend(theirs)
+        elif isinstance(mine, dict):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
+        else:
+            setattr(into, f.name, mine + theirs)
+
+
 def _dead_letter(
     env: Envelope, reason: str, exc: BaseException, attempts: int, tb: str = ""
 ) -> DeadLetter:
@@ -133,6 +160,7 @@ class Applier:
         self._sleep = sleep
         # called whenever the batch moves on (a handler starts, a wait ends): the watchdog's pulse
         self.on_progress: Callable[[], None] = lambda: None
+        self.timer_clock: Callable[[], float] | None = None  # the database's clock (worker sets)
         self._defaults = settings.supervision
 
     # --- the step ------------------------------------------------------------------------
@@ -154,6 +182,7 @@ class Applier:
         *,
         dead_letters: Sequence[DeadLetter] = (),
         rerouted: frozenset[str] = frozenset(),
+        on_early_commit: Callable[[BatchOutcome], None] | None = None,
     ) -> BatchOutcome:
         """Apply batches of several partitions, (partition, fence, raws) each, and commit them
         in ONE transaction (one fsync), every fence checked; all or nothing.
@@ -161,56 +190,106 @@ class Applier:
         ``dead_letters`` (broker messages that cannot be applied) are committed with the batch;
         ``rerouted`` holds ids that were already moved once from a wrong partition (a second
         wrong arrival is dead-lettered, not moved again). Whatever raises, no activation keeps
-        an effect that was not committed: every key the batch touched is dropped."""
+        an effect that was not committed: every key the batch touched is dropped.
+
+        A key whose handler crashed waits out its restart backoff without holding up the
+        others: every other key runs first, and with ``on_early_commit`` the finished keys are
+        committed at once (their replies need not wait; the callback gets what they did), the
+        waiting keys in a second commit. The in-flight list is settled after the last commit;
+        a crash in between redelivers the early keys' messages, which their committed ids skip.
+        """
         outcome = BatchOutcome(batches[0][0])
         outcome.dead_letters.extend(dead_letters)
+        fences = {p: fence for p, fence, _ in batches}
         touched: list[KeyId] = []
         try:
-            fenced = self._run_batches(batches, outcome, keep_trying, rerouted, touched)
-            (partition, fence, writes), *others = fenced
-            self._retry_repo(
-                lambda: self.repo.commit(
-                    partition,
-                    fence,
-                    writes,
-                    outcome.dead_letters,
-                    timers=outcome.timer_changes,
-                    others=others,
-                ),
-                keep_trying,
-                f"commit of partition(s) {[b[0] for b in batches]}",
-            )
+            jobs = self._start_keys(batches, outcome, keep_trying, rerouted, touched)
+            waiting = [job for job in jobs if not job.done]
+            if waiting and on_early_commit is not None and len(waiting) < len(jobs):
+                early = BatchOutcome(outcome.partition)
+                finished = [job for job in jobs if job.done]
+                for job in finished:
+                    _merge(early, job.part)
+                self._commit(fences, finished, early, keep_trying)
+                on_early_commit(early)
+                jobs = list(waiting)  # (waiting shrinks below)
+            while waiting:
+                job = min(waiting, key=lambda j: j.due)
+                self._sleep(max(0.0, job.due - time.monotonic()))
+                if self._step(job):
+                    waiting.remove(job)
+            for job in jobs:
+                _merge(outcome, job.part)
+            self._commit(fences, jobs, outcome, keep_trying)
         except BaseException:
             for key_id in touched:
                 self.activations.drop(key_id)
             raise
         return outcome
 
-    def _run_batches(
+    def _commit(
+        self,
+        fences: dict[int, int],
+        jobs: Sequence[_KeyJob],
+        outcome: BatchOutcome,
+        keep_trying: Callable[[], bool],
+    ) -> None:
+        writes: dict[int, list[StateWrite]] = {p: [] for p in fences}
+        for job in jobs:
+            if job.write is not None:
+                writes[job.partition].append(job.write)
+        (partition, fence), *rest = fences.items()
+        self._retry_repo(
+            lambda: self.repo.commit(
+                partition,
+                fence,
+                writes[partition],
+                outcome.dead_letters,
+                timers=outcome.timer_changes,
+                others=[(p, f, writes[p]) for p, f in rest],
+            ),
+            keep_trying,
+            f"commit of partition(s) {list(fences)}",
+        )
+
+    def _start_keys(
         self,
         batches: Sequence[tuple[int, int, Sequence[object]]],
         outcome: BatchOutcome,
         keep_trying: Callable[[], bool],
         rerouted: frozenset[str],
         touched: list[KeyId],
-    ) -> list[tuple[int, int, list[StateWrite]]]:
-        fenced: list[tuple[int, int, list[StateWrite]]] = []
-        for partition, fence, raws in batches:
+    ) -> list[_KeyJob]:
+        """Run every key of the batches up to its end or its first restart backoff."""
+        jobs: list[_KeyJob] = []
+        for partition, _fence, raws in batches:
             groups = self._parse(partition, raws, outcome, rerouted)
             touched.extend(groups)
-            writes: list[StateWrite] = []
-            if groups:
-                self._activate(partition, groups, outcome, keep_trying)
-                timers = self._load_timers(groups, keep_trying)
-                for key_id, envs in groups.items():
-                    act = self.activations.get(key_id)
-                    if act is None:  # evicted by the cap while loading this very batch
-                        act = self._load_activations(partition, [key_id], outcome, keep_trying)[0]
-                    write = self._run_key(act, envs, outcome, keep_trying, timers.get(key_id))
-                    if write is not None:
-                        writes.append(write)
-            fenced.append((partition, fence, writes))
-        return fenced
+            if not groups:
+                continue
+            self._activate(partition, groups, outcome, keep_trying)
+            timers = self._load_timers(groups, keep_trying)
+            for key_id, envs in groups.items():
+                act = self.activations.get(key_id)
+                if act is None:  # evicted by the cap while loading this very batch
+                    act = self._load_activations(partition, [key_id], outcome, keep_trying)[0]
+                part = BatchOutcome(partition)
+                run = self._run_key(act, envs, part, keep_trying, timers.get(key_id))
+                job = _KeyJob(partition, run, part)
+                self._step(job)
+                jobs.append(job)
+        return jobs
+
+    @staticmethod
+    def _step(job: _KeyJob) -> bool:
+        """Run a key on to its end (True) or to its next restart backoff (False, due set)."""
+        try:
+            delay = next(job.run)
+        except StopIteration as end:
+            job.write, job.done = end.value, True
+            return True
+        job.due = time.monotonic() + delay
+        return False
 
     # --- parsing ---------------------------------------------------------------------------
 
@@ -362,7 +441,9 @@ class Applier:
         outcome: BatchOutcome,
         keep_trying: Callable[[], bool],
         timer_rows: dict[str, TimerRow] | None = None,
-    ) -> StateWrite | None:
+    ) -> Generator[float, None, StateWrite | None]:
+        """Run one key's messages of the batch. A generator: it yields the backoff before each
+        restart (the driver runs the batch's other keys meanwhile) and returns the key's write."""
         system_ids = [e.id for e in envs if e.system]
         if system_ids:  # keyq.activate: loaded above; no handler run, no new version
             envs = [e for e in envs if not e.system]
@@ -393,7 +474,7 @@ class Applier:
         failed: dict[str, tuple[str, str]] = {}  # message id -> (status, error) for observers
         attempts: dict[str, int] = {}
         state = act.state
-        started = time.time()
+        started = self.timer_clock() if self.timer_clock else time.time()
         while True:
             try:
                 run = self._run_pending(
@@ -432,7 +513,7 @@ class Applier:
                         outcome.restarts_by_entity[entity_type.name] = (
                             outcome.restarts_by_entity.get(entity_type.name, 0) + 1
                         )
-                        self._sleep(decision.delay_s)
+                        yield decision.delay_s  # the batch's other keys go on meanwhile
                         self.on_progress()
                     else:
                         outcome.crashed += 1

@@ -86,6 +86,9 @@ class _TimeShim:
     def time(self) -> float:
         return self._clock.now
 
+    def monotonic(self) -> float:  # restart backoffs are timed on it
+        return self._clock.now
+
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
@@ -326,7 +329,8 @@ class Harness:
         try:
             with _applier_clock(self.clock):
                 return process.applier.apply_group(
-                    [(p, process.token, raws) for p, raws in taken.items()]
+                    [(p, process.token, raws) for p, raws in taken.items()],
+                    on_early_commit=self._after_commit,  # as the worker: see apply_group
                 )
         finally:
             self.repo.before_commit = self.repo.after_commit = None

@@ -106,6 +106,7 @@ class WorkerRuntime(OwnershipHooks):
         self._batch_pulse: float | None = None  # last progress of the batch running, if any
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
+        self.applier.timer_clock = self.timers.clock.now  # handlers' now: the database's clock
         self._producer: Any = None  # a Celery app (its task protocol), made on first use
         self._publisher: Publisher | None = None
         self._add_queue = add_queue
@@ -359,6 +360,7 @@ class WorkerRuntime(OwnershipHooks):
                 keep_trying=lambda: all(self.ownership.token(p) == batch.tokens[p] for p in parts),
                 dead_letters=batch.dead,
                 rerouted=frozenset(batch.rerouted),
+                on_early_commit=self._committed_early,
             )
         except StaleWriteError as e:
             metrics.stale_writes.inc()
@@ -381,6 +383,12 @@ class WorkerRuntime(OwnershipHooks):
                 self.mailbox.settle(p, batch.leases[p])
             except Exception as e:  # committed: a restore would only bring back duplicates
                 log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
+        self._count(outcome)
+
+    def _committed_early(self, outcome: BatchOutcome) -> None:
+        """The keys of a batch that finished while another backs off are committed: their
+        cache, replies and names go out now; the in-flight list is settled with the batch."""
+        self._after_commit(outcome)
         self._count(outcome)
 
     def _dead_letter_alone(self, partition: int, batch: _Batch, error: RepoDataError) -> bool:

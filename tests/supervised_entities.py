@@ -127,3 +127,28 @@ class Ticker(Entity):
     def schedule_then_crash(self, state: dict[str, Any], payload: Any) -> tuple[Any, None]:
         current().schedule(0.05, "tick", name="ghost")
         raise RuntimeError("crashed after scheduling: the timer must not exist")
+
+
+class Recovering(Entity):
+    """`until` crashes while the wall clock is before payload["until"] (a dependency that is
+    down for a while): the key restarts after a fixed 0.3 s backoff until it passes; `see`
+    appends its payload."""
+
+    name = "recovering"
+    initial_state: dict[str, Any] = {"seen": []}
+    max_restarts = 100
+    within_seconds = 60.0
+    backoff_min_s = 0.3
+    backoff_max_s = 0.3
+
+    @handler
+    def until(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], Any]:
+        import time
+
+        if time.time() < float(payload["until"]):
+            raise ConnectionError("the dependency is still down")
+        return {"seen": [*state["seen"], "recovered"]}, "recovered"
+
+    @handler
+    def see(self, state: dict[str, Any], payload: Any) -> tuple[dict[str, Any], Any]:
+        return {"seen": [*state["seen"], payload]}, payload

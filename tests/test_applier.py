@@ -375,3 +375,31 @@ def test_batch_with_more_keys_than_the_activation_cap_applies_every_key(h: Harne
     again = h.apply(batch)  # evicted keys remember their ids through the Repo
     assert (again.applied, again.duplicates) == (0, 15)
     assert all(h.state("sequence", k) == {"seen": [0, 1, 2]} for k in keys)
+
+
+def test_keys_that_finish_are_committed_before_a_key_that_backs_off(h: Harness) -> None:
+    """A key that crashes and backs off does not hold up the batch's other keys: they run
+    first and are committed (early callback: their replies) before the backoff is waited
+    out; the crashing key is committed by the second commit, and nothing is lost."""
+    key = next(k for k in (f"q{i}" for i in range(500)) if partition_for(k, PARTITIONS) == 0)
+    other = next(k for k in (f"r{i}" for i in range(500)) if partition_for(k, PARTITIONS) == 0)
+    batch = [
+        h.env("flaky", key, "inc"),
+        h.env("flaky", key, "mutate_then_boom"),
+        h.env("flaky", other, "inc", reply=True),
+        h.env("flaky", key, "inc"),
+    ]
+    seen: list[tuple[dict[str, Any] | None, int]] = []
+
+    def early(out: BatchOutcome) -> None:
+        seen.append((h.state("flaky", other), len(h.sleeps)))
+        assert [m for m, _ in out.replies] == [batch[2]["id"]]
+
+    out = h.applier.apply_group([(0, 1, batch)], on_early_commit=early)
+    # the other key was committed before the first backoff was waited out
+    assert seen == [({"n": 1, "junk": []}, 0)]
+    assert len(h.sleeps) == 2
+    assert (out.applied, out.crashed, out.restarts) == (2, 1, 2)  # the crashing key's part
+    assert h.state("flaky", key) == {"n": 2, "junk": []}
+    [dl] = h.repo.dead_letters()
+    assert dl.message_id == batch[1]["id"]

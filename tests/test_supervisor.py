@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def metric(port: int, name: str, **labels: str) -> float:
     pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)"
     found = re.search(pattern, text)
     return float(found.group(1)) if found else 0.0
-
-
 
 
 def start(
@@ -219,3 +218,49 @@ def test_time_limit_interrupts_a_spinning_handler() -> None:
         while True:
             pass
     assert _time.monotonic() - started < 5.0
+
+
+def test_other_keys_of_a_batch_commit_and_reply_while_one_key_backs_off(
+    start_worker: WorkerFactory,
+    sup_settings: Settings,
+    sup_client: Client,
+    repo: Repo,
+    tmp_path: Path,
+) -> None:
+    """One key of a batch crashes until its dependency comes back (4 s, 0.3 s backoffs): the
+    batch's other keys are committed and answered meanwhile, not after it; the crashing key is
+    then applied once, in order, without a dead letter."""
+    start(start_worker, sup_settings, tmp_path)
+    part = partition_for("sick", sup_settings.partitions)
+    others = [
+        k
+        for k in (f"o{i}" for i in range(3000))
+        if partition_for(k, sup_settings.partitions) == part
+    ][:5]
+    sup_client.send("recovering", others[0], "see", "warm")  # the worker is up and the key warm
+    poll(lambda: sup_client.read("recovering", others[0]) is not None, what="a warm partition")
+    until = time.time() + 4.0
+    # one broker message: the sick key first, then the others of its partition (one batch)
+    sup_client.send_many(
+        "recovering", [("sick", "until", {"until": until})] + [(k, "see", 1) for k in others]
+    )
+    sent = time.monotonic()
+    poll(
+        lambda: all(
+            (sup_client.read("recovering", k) or {}).get("seen", [])[-1:] == [1] for k in others
+        ),
+        timeout=20,
+        what="the other keys of the batch",
+    )
+    others_done = time.monotonic() - sent
+    assert time.time() < until - 1.0, f"the other keys waited for the sick one ({others_done:.1f}s)"
+    assert sup_client.call("recovering", others[1], "see", 2) == 2  # the partition answers
+    poll(
+        lambda: (sup_client.read("recovering", "sick") or {}).get("seen") == ["recovered"],
+        timeout=30,
+        what="the sick key after its dependency came back",
+    )
+    assert time.time() >= until
+    assert repo.dead_letters(entity="recovering") == []
+    stored = repo.load_one("recovering", others[1])
+    assert stored is not None and stored.state["seen"] == [1, 2]
