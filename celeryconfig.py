@@ -18,6 +18,7 @@ from keyq.settings import Settings
 # Flower's Broker page reads every partition queue's length; the tools still publish through
 # keyq's transport. Only processes that load this module (celery, flower) see the alias.
 _kombu_transport.TRANSPORT_ALIASES["redis"] = "keyq.transport:Transport"
+_kombu_transport.TRANSPORT_ALIASES["sentinel"] = "keyq.transport:SentinelTransport"
 _conf = celery_settings(Settings.from_env())
 _conf.pop("broker_transport")
 globals().update(_conf)

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from keyq.connections import broker_transport_options
+from keyq.connections import broker_transport_options, broker_url_for_kombu, is_sentinel_url
 from keyq.settings import Settings
 
 DISPATCH_TASK = "keyq.dispatch"  # applies a list of envelopes of one partition
@@ -21,6 +21,13 @@ VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; key
 # published without a token (plain Celery, another language) is noticed within this. A handoff
 # waits it out before releasing a lease (keyq.mailbox.HANDOFF_GRACE_S).
 BRPOP_TIMEOUT_S = 0.05
+TRANSPORT = "keyq.transport:Transport"  # kombu's Redis transport with keyq's atomic fetch ...
+SENTINEL_TRANSPORT = "keyq.transport:SentinelTransport"  # ... and the same on Redis Sentinel
+
+
+def broker_transport(settings: Settings) -> str:
+    """keyq's transport class for the broker URL (plain Redis or Sentinel)."""
+    return SENTINEL_TRANSPORT if is_sentinel_url(settings.broker_url) else TRANSPORT
 
 
 def default_queue(settings: Settings) -> str:
@@ -31,12 +38,12 @@ def default_queue(settings: Settings) -> str:
 def celery_settings(settings: Settings) -> dict[str, Any]:
     """The Celery configuration keyq needs, as a plain dict (for celeryconfig.py too)."""
     return {
-        "broker_url": settings.broker_url,
-        "broker_transport": "keyq.transport:Transport",
+        "broker_url": broker_url_for_kombu(settings.broker_url),
+        "broker_transport": broker_transport(settings),
         "broker_transport_options": {
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "priority_steps": [0],
-            **broker_transport_options(settings.timeouts),
+            **broker_transport_options(settings.timeouts, settings.broker_url),
             "keyq_max_queue_depth": settings.max_queue_depth,  # keyq.transport reads it
         },
         "broker_connection_timeout": settings.redis_connect_timeout_s,

@@ -13,15 +13,26 @@ database connection. Here each kind of connection gets explicit limits from Sett
 - The database: a connect timeout, TCP keepalives and ``tcp_user_timeout`` (a dead peer is
   found within seconds), and a statement timeout on PostgreSQL; SQLite waits out a writer's
   lock for the statement timeout.
+
+Redis Sentinel: a ``sentinel://host:port[;sentinel://host:port...][/db]`` URL (Celery's form)
+names the sentinels instead of a server; with ``KEYQ_SENTINEL_MASTER`` every client here asks
+them for the current primary on each (re)connect (redis-py's ``Sentinel.master_for``), so after
+a failover the next connection goes to the promoted replica. A Redis password in the URL is the
+primary's; ``KEYQ_SENTINEL_PASSWORD`` is the sentinels' own. The broker gets the same through
+kombu's sentinel transport options (``master_name``, ``sentinel_kwargs``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel
+
+from keyq.errors import ConfigurationError
 
 # defaults of the Settings fields below (README: Configuration)
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 2.0  # a Redis that does not accept within this is down
@@ -31,16 +42,91 @@ DEFAULT_DATABASE_STATEMENT_TIMEOUT_S = 30.0  # one batch's statement; 0 turns it
 KEEPALIVE_IDLE_S = 5  # database TCP keepalive: first probe after this much silence ...
 KEEPALIVE_INTERVAL_S = 2  # ... then one probe every this many seconds ...
 KEEPALIVE_COUNT = 3  # ... and the connection is dead after this many unanswered probes
+SENTINEL_SCHEME = "sentinel"  # Celery's and kombu's scheme for a list of Redis sentinels
+SENTINEL_DEFAULT_PORT = 26379  # a sentinel URL without a port means this one
+
+
+@dataclass(frozen=True)
+class SentinelOptions:
+    """How to find a Sentinel-managed primary: its master name (KEYQ_SENTINEL_MASTER) and the
+    sentinels' own password (KEYQ_SENTINEL_PASSWORD, None when they have none)."""
+
+    master: str
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``sentinel://`` URL: the sentinels to ask, and the primary's db and login."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def kombu_url(self) -> str:
+        """The URL in the form kombu reads: every alternate carries the login and the db
+        (kombu takes them from the first one, and from the next one after a switch)."""
+        login = ""
+        if self.password is not None or self.username:
+            login = f"{self.username or ''}:{self.password or ''}@"
+        return ";".join(
+            f"{SENTINEL_SCHEME}://{login}{host}:{port}/{self.db}" for host, port in self.sentinels
+        )
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """``sentinel://[user:password@]host:port[;sentinel://host:port...][/db]``; the db and the
+    login may be written on any one of the parts (or on all alike)."""
+    sentinels: list[tuple[str, int]] = []
+    dbs: set[int] = set()
+    logins: set[tuple[str | None, str | None]] = set()
+    for part in (p.strip() for p in url.split(";")):
+        if not part:
+            continue
+        try:
+            parts = urlsplit(part)
+            port = parts.port or SENTINEL_DEFAULT_PORT
+        except ValueError as e:
+            raise ConfigurationError(f"a sentinel URL part is malformed: {e}") from None
+        if parts.scheme != SENTINEL_SCHEME or not parts.hostname:
+            raise ConfigurationError(
+                "each ';'-separated part of a sentinel URL must be sentinel://host:port"
+            )
+        sentinels.append((parts.hostname, port))
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ConfigurationError(f"the db of a sentinel URL must be a number, not {path!r}")
+            dbs.add(int(path))
+        if parts.username or parts.password is not None:
+            user = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password) if parts.password is not None else None
+            logins.add((user, password))
+    if not sentinels:
+        raise ConfigurationError("a sentinel URL must name at least one sentinel://host:port")
+    if len(dbs) > 1 or len(logins) > 1:
+        raise ConfigurationError(
+            "the parts of a sentinel URL give different dbs or passwords: write them once"
+        )
+    username, password = next(iter(logins)) if logins else (None, None)
+    return SentinelUrl(tuple(sentinels), dbs.pop() if dbs else 0, username, password)
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """The connection limits of one process (built by Settings.timeouts)."""
+    """The connection limits of one process (built by Settings.timeouts), and for a Sentinel
+    deployment how to find the primary (``sentinel``, None without one)."""
 
     redis_connect_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
     redis_read_s: float = DEFAULT_REDIS_READ_TIMEOUT_S
     database_connect_s: float = DEFAULT_DATABASE_CONNECT_TIMEOUT_S
     database_statement_s: float = DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
+    sentinel: SentinelOptions | None = None
 
     @property
     def blocking_slice_s(self) -> float:
@@ -50,16 +136,17 @@ class Timeouts:
 
     def without_statement_timeout(self) -> Timeouts:
         """For schema migrations, which may rightly run longer than any one batch."""
-        return Timeouts(
-            self.redis_connect_s, self.redis_read_s, self.database_connect_s, 0.0
-        )
+        return replace(self, database_statement_s=0.0)
 
 
 DEFAULT_TIMEOUTS = Timeouts()
 
 
 def redis_client(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> redis.Redis:
-    """A redis-py client for keyq's own data (registry, leases, cache, replies, queues)."""
+    """A redis-py client for keyq's own data (registry, leases, cache, replies, queues); for a
+    sentinel:// URL, a client of the current primary that follows a failover."""
+    if is_sentinel_url(url):
+        return sentinel_master(url, timeouts)
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=timeouts.redis_connect_s,
@@ -68,13 +155,67 @@ def redis_client(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> redis.Redis
     )
 
 
-def broker_transport_options(timeouts: Timeouts) -> dict[str, Any]:
-    """The socket limits of kombu's Redis channels (producers and workers)."""
-    return {
+def sentinel_options(timeouts: Timeouts) -> SentinelOptions:
+    if timeouts.sentinel is None:
+        raise ConfigurationError(
+            "a sentinel:// URL needs the master name: set KEYQ_SENTINEL_MASTER"
+        )
+    return timeouts.sentinel
+
+
+def sentinel_kwargs(timeouts: Timeouts) -> dict[str, Any]:
+    """Connection arguments of the connections to the sentinels themselves."""
+    options = sentinel_options(timeouts)
+    kwargs: dict[str, Any] = {
         "socket_connect_timeout": timeouts.redis_connect_s,
         "socket_timeout": timeouts.redis_read_s,
         "socket_keepalive": True,
     }
+    if options.password:
+        kwargs["password"] = options.password
+    return kwargs
+
+
+def sentinel_master(url: str, timeouts: Timeouts) -> redis.Redis:
+    """A client of the primary the sentinels name now: each new connection asks them again,
+    and a connection that meets a demoted primary (READONLY) is dropped and reconnects."""
+    target = parse_sentinel_url(url)
+    options = sentinel_options(timeouts)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs=sentinel_kwargs(timeouts),
+        socket_connect_timeout=timeouts.redis_connect_s,
+        socket_timeout=timeouts.redis_read_s,
+        socket_keepalive=True,
+    )
+    login: dict[str, Any] = {}
+    if target.username:
+        login["username"] = target.username
+    if target.password is not None:
+        login["password"] = target.password
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        options.master, db=target.db, **login
+    )
+    return client
+
+
+def broker_url_for_kombu(url: str) -> str:
+    """The broker URL as kombu reads it (a sentinel URL with its db on every alternate)."""
+    return parse_sentinel_url(url).kombu_url() if is_sentinel_url(url) else url
+
+
+def broker_transport_options(timeouts: Timeouts, url: str = "") -> dict[str, Any]:
+    """The socket limits of kombu's Redis channels (producers and workers); for a sentinel://
+    broker URL also the master name and the sentinels' connection arguments."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeouts.redis_connect_s,
+        "socket_timeout": timeouts.redis_read_s,
+        "socket_keepalive": True,
+    }
+    if is_sentinel_url(url):
+        options["master_name"] = sentinel_options(timeouts).master
+        options["sentinel_kwargs"] = sentinel_kwargs(timeouts)
+    return options
 
 
 def blocking_pop(

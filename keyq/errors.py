@@ -82,6 +82,17 @@ class OverloadedError(BrokerUnavailableError):
         self.depth = depth
 
 
+class NotReplicatedError(BrokerUnavailableError):
+    """The primary took the message but fewer than KEYQ_PUBLISH_MIN_REPLICAS replicas confirmed
+    it within KEYQ_PUBLISH_REPLICA_TIMEOUT_MS: it may still be applied, or be lost in a failover.
+    Send it again with the same idempotency key to be sure: it is applied once either way."""
+
+    def __init__(self, message: str, replicas: int = 0, required: int = 0) -> None:
+        super().__init__(message)
+        self.replicas = replicas
+        self.required = required
+
+
 class CacheUnavailableError(KeyqError):
     """The Redis used for the registry and cache could not be reached."""
 

@@ -13,6 +13,12 @@ callbacks, kombu's message assembly. Here the headers and properties are built o
 from Celery's own ``as_task_v2`` and only the per-message fields are filled in; the arguments'
 display form (``argsrepr``, what Flower shows) is a short summary, "entity/key op" and a count.
 Retries (a lost connection, three tries) and typed errors live here, in one place.
+
+Durable publish (KEYQ_PUBLISH_MIN_REPLICAS=N): Redis replicates asynchronously, so a primary
+that dies right after answering can take the last messages with it when Sentinel promotes a
+replica. With N > 0 the script is followed by ``WAIT N timeout`` in the same write to the same
+connection (WAIT counts that connection's writes), and a send returns only once N replicas hold
+the message; fewer within KEYQ_PUBLISH_REPLICA_TIMEOUT_MS raises NotReplicatedError.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import redis
 
 from keyq.celery_app import DISPATCH_TASK
 from keyq.envelope import Envelope
-from keyq.errors import BrokerUnavailableError, OverloadedError
+from keyq.errors import BrokerUnavailableError, NotReplicatedError, OverloadedError
 from keyq.scripts import lua_source, register
 from keyq.settings import Settings, redact_url
 
@@ -174,7 +180,7 @@ class Publisher:
         self.broker = broker
         self.settings = settings
         self.builder = MessageBuilder(app)
-        self._script = register(broker, "publish")  # loads the script, and the fallback path
+        self._script = register(broker, "publish")  # loads the script (its sha is used below)
         self._sha = self._script.sha.encode() if self._script.sha else b""
         self._local = threading.local()  # one broker connection per producing thread
         self._connections: list[Any] = []
@@ -235,9 +241,10 @@ class Publisher:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-    def _push(self, queue: str, payload: str, limit: int) -> int:
+    def _push(self, queue: str, payload: str, limit: int, loaded: bool = False) -> int:
         """EVALSHA of the publish script on this thread's own connection, packed by hand: the
-        generic command path of redis-py costs more CPU than the round trip itself."""
+        generic command path of redis-py costs more CPU than the round trip itself. With
+        KEYQ_PUBLISH_MIN_REPLICAS, a WAIT in the same write (NotReplicatedError if short)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self.broker.connection_pool.make_connection()
@@ -246,23 +253,41 @@ class Publisher:
                 self._connections.append(conn)
         if not self._sha:
             self._sha = self.broker.script_load(lua_source("publish")).encode()
-        conn.send_packed_command(
-            _pack(
-                b"EVALSHA",
-                self._sha,
-                b"2",
-                queue.encode(),
-                wake_key(queue).encode(),
-                payload.encode("utf-8", "surrogatepass"),
-                str(limit).encode(),
-            ),
-            check_health=False,
+        replicas = self.settings.publish_min_replicas
+        command = _pack(
+            b"EVALSHA",
+            self._sha,
+            b"2",
+            queue.encode(),
+            wake_key(queue).encode(),
+            payload.encode("utf-8", "surrogatepass"),
+            str(limit).encode(),
         )
+        if replicas:
+            timeout_ms = self.settings.publish_replica_timeout_ms
+            command += _pack(b"WAIT", str(replicas).encode(), str(timeout_ms).encode())
+        conn.send_packed_command(command, check_health=False)
         try:
-            return int(conn.read_response())
-        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
-            self._sha = b""
-            return int(self._script(keys=[queue, wake_key(queue)], args=[payload, limit]))
+            pushed = int(conn.read_response())
+        except redis.exceptions.NoScriptError:  # Redis restarted, failed over or flushed scripts
+            if replicas:
+                conn.read_response()  # the WAIT's answer: nothing of ours to wait for
+            if loaded:
+                raise
+            self._sha = self.broker.script_load(lua_source("publish")).encode()
+            return self._push(queue, payload, limit, loaded=True)
+        if replicas:
+            acked = int(conn.read_response())
+            if pushed >= 0 and acked < replicas:
+                raise NotReplicatedError(
+                    f"the message on {queue} reached the primary but {acked} of the "
+                    f"{replicas} replica(s) KEYQ_PUBLISH_MIN_REPLICAS asks for confirmed it "
+                    f"within {self.settings.publish_replica_timeout_ms} ms: it may be applied, "
+                    "or lost in a failover; send it again with the same idempotency key",
+                    replicas=acked,
+                    required=replicas,
+                )
+        return pushed
 
     def _drop_connection(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -14,7 +14,10 @@ from keyq.connections import (
     DEFAULT_DATABASE_STATEMENT_TIMEOUT_S,
     DEFAULT_REDIS_CONNECT_TIMEOUT_S,
     DEFAULT_REDIS_READ_TIMEOUT_S,
+    SentinelOptions,
     Timeouts,
+    is_sentinel_url,
+    parse_sentinel_url,
 )
 from keyq.errors import ConfigurationError
 from keyq.supervisor import SupervisionPolicy
@@ -46,12 +49,15 @@ DEFAULT_MAX_QUEUE_DEPTH = 100_000  # per partition queue: past it producers get 
 DEFAULT_MAX_DELIVERIES = 5  # a message delivered this often without being applied is dead-lettered
 DEFAULT_STARTUP_WAIT_S = 30.0  # worker and beat wait this long for Redis and the database
 DEFAULT_NAMESPACE = "keyq"
+DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS = 1000  # a durable send waits this long for its replicas
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
 def redact_url(url: str) -> str:
     """Return the URL with any password replaced, so it is safe to log or print."""
+    if ";" in url:  # a sentinel URL: several hosts, any of which may carry the password
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -135,6 +141,10 @@ ENV_VARIABLES: dict[str, str] = {
     "redis_read_timeout_s": "KEYQ_REDIS_READ_TIMEOUT_S",
     "database_connect_timeout_s": "KEYQ_DATABASE_CONNECT_TIMEOUT_S",
     "database_statement_timeout_s": "KEYQ_DATABASE_STATEMENT_TIMEOUT_S",
+    "sentinel_master": "KEYQ_SENTINEL_MASTER",
+    "sentinel_password": "KEYQ_SENTINEL_PASSWORD",
+    "publish_min_replicas": "KEYQ_PUBLISH_MIN_REPLICAS",
+    "publish_replica_timeout_ms": "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS",
 }
 
 
@@ -175,14 +185,24 @@ class Settings:
     redis_read_timeout_s: float = DEFAULT_REDIS_READ_TIMEOUT_S
     database_connect_timeout_s: float = DEFAULT_DATABASE_CONNECT_TIMEOUT_S
     database_statement_timeout_s: float = DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
+    # Redis Sentinel: the master name the sentinels know the primary by (needed with a
+    # sentinel:// URL) and the sentinels' own password ("" when they have none)
+    sentinel_master: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    # durable publish: a send returns once this many replicas hold the message (0: once the
+    # primary has it), else NotReplicatedError after publish_replica_timeout_ms
+    publish_min_replicas: int = 0
+    publish_replica_timeout_ms: int = DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read KEYQ_* variables; refuse malformed or contradictory values with a fix hint."""
         env = os.environ if env is None else env
-        redis_url = _url(env, "KEYQ_REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix"))
-        broker_url = _url(env, "KEYQ_BROKER_URL", redis_url, ("redis", "rediss"))
+        redis_url = _url(
+            env, "KEYQ_REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix", "sentinel")
+        )
+        broker_url = _url(env, "KEYQ_BROKER_URL", redis_url, ("redis", "rediss", "sentinel"))
         database_url = _url(
             env, "KEYQ_DATABASE_URL", DEFAULT_DATABASE_URL, ("sqlite", "postgresql")
         )
@@ -251,6 +271,12 @@ class Settings:
             database_statement_timeout_s=_float(
                 env, "KEYQ_DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
             ),
+            sentinel_master=env.get("KEYQ_SENTINEL_MASTER", "").strip(),
+            sentinel_password=env.get("KEYQ_SENTINEL_PASSWORD", ""),
+            publish_min_replicas=_int(env, "KEYQ_PUBLISH_MIN_REPLICAS", 0, minimum=0),
+            publish_replica_timeout_ms=_int(
+                env, "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS", DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
+            ),
         )
         settings.check()
         return settings
@@ -279,6 +305,28 @@ class Settings:
         if self.partitions > 4096:
             raise ConfigurationError(
                 f"KEYQ_PARTITIONS={self.partitions}: at most 4096 partition queues are supported"
+            )
+        sentinel_urls = [u for u in (self.redis_url, self.broker_url) if is_sentinel_url(u)]
+        if sentinel_urls and not self.sentinel_master:
+            raise ConfigurationError(
+                "KEYQ_REDIS_URL or KEYQ_BROKER_URL is a sentinel:// URL but KEYQ_SENTINEL_MASTER "
+                "is not set: give the master name the sentinels monitor"
+            )
+        if self.sentinel_master and not sentinel_urls:
+            raise ConfigurationError(
+                f"KEYQ_SENTINEL_MASTER={self.sentinel_master!r} is set but no URL is a sentinel "
+                "one: write KEYQ_REDIS_URL as sentinel://host:port[;sentinel://host:port...]/db, "
+                "or unset KEYQ_SENTINEL_MASTER"
+            )
+        for url in sentinel_urls:
+            parse_sentinel_url(url)  # a malformed one fails here, with its reason
+        if self.publish_min_replicas and (
+            self.publish_replica_timeout_ms >= self.redis_read_timeout_s * 1000
+        ):
+            raise ConfigurationError(
+                f"KEYQ_PUBLISH_REPLICA_TIMEOUT_MS={self.publish_replica_timeout_ms} is not below "
+                f"KEYQ_REDIS_READ_TIMEOUT_S={self.redis_read_timeout_s}: the socket would give "
+                "up before the replicas answer; lower the one or raise the other"
             )
         if self.max_key_length > MAX_KEY_LENGTH_LIMIT:
             raise ConfigurationError(
@@ -311,6 +359,11 @@ class Settings:
             redis_read_s=self.redis_read_timeout_s,
             database_connect_s=self.database_connect_timeout_s,
             database_statement_s=self.database_statement_timeout_s,
+            sentinel=(
+                SentinelOptions(self.sentinel_master, self.sentinel_password or None)
+                if self.sentinel_master
+                else None
+            ),
         )
 
     @property

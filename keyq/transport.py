@@ -25,6 +25,11 @@
 
 What a message must look like, and what happens to it, is keyq.mailbox's business; this module
 only does kombu's part of it.
+
+``SentinelTransport`` is the same on Redis Sentinel (``sentinel://`` broker URLs): kombu's
+SentinelChannel finds the primary through the sentinels, keyq's Channel does the fetching and
+publishing above it. After a failover the rebuilt channel asks the sentinels again, and the
+fetch script is loaded again on the promoted replica (NOSCRIPT is handled as after a restart).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK
+from keyq.connections import SENTINEL_DEFAULT_PORT
 from keyq.errors import OverloadedError
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
@@ -298,3 +304,15 @@ class Transport(kombu_redis.Transport):
                 log.info("keyq returned a message to the head of %s (no consumer here now)", queue)
                 return
         super()._reject_inbound_message(raw_message)
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """keyq's fetch and publish on a connection pool that follows the Sentinel primary."""
+
+
+class SentinelTransport(Transport):
+    """keyq's transport on Redis Sentinel: ``sentinel://host:port[;sentinel://...]/db`` with
+    the ``master_name`` transport option (keyq.connections sets it from KEYQ_SENTINEL_MASTER)."""
+
+    Channel = SentinelChannel
+    default_port = SENTINEL_DEFAULT_PORT  # type: ignore[assignment]  # kombu declares None
