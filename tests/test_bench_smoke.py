@@ -3,8 +3,8 @@
 The smoke mode is tiny (seconds); no figure is asserted, only that the run completes, that
 every add it sent was applied exactly once, that the JSON carries every key with a real number
 where the smoke run measures it (issue 14's producer, call, dispatch-sweep and worker-CPU
-figures among them) and that the run leaves neither its PostgreSQL database nor its Redis keys
-behind.
+figures among them, and issue 12's throughput with Flower's task events off and on) and that
+the run leaves neither its PostgreSQL database nor its Redis keys behind.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ REQUIRED_KEYS = (
     "call_ratio_p95",
     "dispatch_sweep",
     "worker_us_per_msg",
+    # issue 12: the task events' throughput cost
+    "events_cost",
 )
 VERSION_KEYS = (
     "python",
@@ -91,6 +93,10 @@ MEASURED_IN_SMOKE = (
     "call_ratio_p95",
 )
 SWEEP_POINT_FIGURES = ("asked", "achieved", "p50", "p95")  # each dispatch_sweep point's numbers
+# send drains with Flower's task events off, on (default rate) and on for every message
+EVENTS_COST_FIGURES = (
+    "off_msgs_per_s", "on_msgs_per_s", "ratio", "all_msgs_per_s", "all_ratio", "on_rate_setting"
+)
 
 
 def measured(value: object) -> bool:
@@ -138,6 +144,10 @@ def test_bench_smoke_run_reports_every_figure_and_cleans_up(
     assert {1000.0, 2000.0} <= {p["asked"] for p in sweep}
     assert measured(doc["worker_us_per_msg"].get("keyq")), doc["worker_us_per_msg"]
     assert measured(doc["worker_us_per_msg"].get("celery")), doc["worker_us_per_msg"]
+    events = doc["events_cost"]
+    assert all(measured(events.get(k)) and events[k] > 0 for k in EVENTS_COST_FIGURES), events
+    assert events["ratio"] == pytest.approx(events["on_msgs_per_s"] / events["off_msgs_per_s"])
+    assert "task events off" in proc.stdout
     assert doc["rss_mb_1m"] is None  # only the full run measures memory
     assert doc["exactly_once_verified"] is True
     assert doc["takeover"]["all_applied"] is True

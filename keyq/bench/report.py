@@ -19,6 +19,11 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("ratio", "  ratio keyq / Celery", "x", ">= 8.0"),
     ("send_many_msgs_per_s", "keyq durable keyed messages (send_many)", "msg/s", ""),
     ("send_many_ratio", "  ratio send_many / Celery", "x", ">= 5.0"),
+    ("events_off_msgs_per_s", "keyq send drain, Flower task events off", "msg/s", ""),
+    ("events_on_msgs_per_s", "  events on (default rate, sampled above)", "msg/s", ""),
+    ("events_ratio", "  ratio events on / off", "x", ""),
+    ("events_all_msgs_per_s", "  events for every message (no sampling)", "msg/s", ""),
+    ("events_all_ratio", "  ratio every message / off", "x", ""),
     ("worker_us_keyq", "worker CPU per applied message, keyq", "us", ""),
     ("worker_us_celery", "  plain Celery no-op task", "us", ""),
     ("dispatch_rate_target_msgs_per_s", "paced sends at half of peak, asked", "msg/s", ""),
@@ -93,7 +98,11 @@ def _fmt(value: Any) -> str:
 def table(doc: dict[str, Any]) -> str:
     lines = [f"{'measure':44} {'value':>12} {'unit':6} target"]
     lines.append("-" * 76)
-    flat = {**doc, **{f"worker_us_{k}": v for k, v in (doc.get("worker_us_per_msg") or {}).items()}}
+    flat = {
+        **doc,
+        **{f"worker_us_{k}": v for k, v in (doc.get("worker_us_per_msg") or {}).items()},
+        **{f"events_{k}": v for k, v in (doc.get("events_cost") or {}).items()},
+    }
     for key, label, unit, target in ROWS:
         lines.append(f"{label:44} {_fmt(flat.get(key)):>12} {unit:6} {target}")
     sweep = doc.get("dispatch_sweep") or []

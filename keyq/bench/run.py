@@ -6,7 +6,9 @@ of durable keyed messages (send and send_many) against plain Celery no-op tasks 
 workers' CPU per message, send-to-applied latency at half of keyq's peak and at fixed rates
 offered by enough producer processes (a point whose producers fell behind is flagged), call
 round trips against Celery's apply_async().get() taking turns, the cache hit ratio of Zipf
-reads, takeover after kill -9 and (full mode) one worker's memory over 10k, 100k and 1M keys.
+reads, the throughput cost of the task events Flower reads (send drains with them off, on as
+deployed, and on for every message), takeover after kill -9 and (full mode) one worker's
+memory over 10k, 100k and 1M keys.
 It creates its own PostgreSQL database and Redis namespace and removes both at the end.
 """
 
@@ -54,12 +56,16 @@ class Mode:
     memory: bool
     sweep: tuple[float, ...]  # further paced rates (msg/s): the latency curve below half peak
     producer_messages: int  # sends per loop of the same-thread producer comparison
+    events_messages: int  # adds per send drain of the task events' cost (three drains)
 
 
 MODES = {
-    "smoke": Mode("smoke", 300, 2_000, 100, 1.0, 20, 300, 1, True, False, (1000.0, 2000.0), 300),
+    "smoke": Mode(
+        "smoke", 300, 2_000, 100, 1.0, 20, 300, 1, True, False, (1000.0, 2000.0), 300, 300
+    ),
     "quick": Mode(
-        "quick", 10_000, 50_000, 1_000, 3.0, 300, 5_000, 1, True, False, SWEEP_QUICK, 5_000
+        "quick", 10_000, 50_000, 1_000, 3.0, 300, 5_000, 1, True, False, SWEEP_QUICK, 5_000,
+        10_000,
     ),
     "full": Mode(
         "full",
@@ -74,6 +80,7 @@ MODES = {
         True,
         (50.0, 100.0, 200.0, 400.0, 1000.0, 2000.0, 5000.0),
         20_000,
+        30_000,
     ),
 }
 
@@ -129,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "versions": versions(args.redis_url, args.pg_admin_url),
     }
-    stages = 2 * repeats + 6
+    stages = 2 * repeats + 7
     bar = tqdm(total=stages, desc="bench", unit="stage")
     servers.create()
     bench = Bench(servers, args.workers, args.loglevel)
@@ -153,6 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         producer = bench.producers(mode.producer_messages, mode.keys)
         doc["producer"] = producer
         doc.update(producer_figures(producer))
+        mark("task events for Flower: send drains with events off, on, every message")
+        doc["events_cost"] = bench.events_cost(mode.events_messages, mode.keys)
+        bar.update()
         for r in range(repeats):
             last = r == repeats - 1
             mark(f"plain Celery drain {r + 1}/{repeats}")

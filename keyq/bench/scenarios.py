@@ -36,6 +36,8 @@ from keyq.bench.stats import ZipfSampler, parse_samples
 from keyq.bench.workload import ENTITY, OP, bench_key
 from keyq.client import Client
 from keyq.cluster import Leases, assignment
+from keyq.flower_events import DEFAULT_RATE as DEFAULT_EVENT_RATE
+from keyq.flower_events import RATE_VARIABLE
 from keyq.mailbox import Mailbox, unacked_records
 from keyq.repo import Repo, state_table
 from keyq.routing import partition_for
@@ -46,6 +48,7 @@ CELERY_CPU_AFTER = 0.1  # Celery's CPU window opens once this share of its queue
 CALL_BLOCKS = 10  # keyq and Celery round trips take turns in this many blocks each
 CALL_WARMUP = 10  # untimed round trips per side first
 SEND_MANY_CHUNK = 1000  # messages per send_many call while filling the queues
+UNSAMPLED_EVENT_RATE = 1e9  # KEYQ_FLOWER_EVENT_RATE high enough that no success is sampled out
 
 
 @dataclass
@@ -115,9 +118,9 @@ class Bench:
         stop_all(self.procs)
         self.procs = []
 
-    def _start_keyq_static(self) -> list[Proc]:
+    def _start_keyq_static(self, extra_env: dict[str, str] | None = None) -> list[Proc]:
         procs = [
-            start_keyq_worker(self.settings, spec, self.loglevel)
+            start_keyq_worker(self.settings, spec, self.loglevel, extra_env)
             for spec in static_slices(self.settings.partitions, self.workers)
         ]
         self.procs.extend(procs)
@@ -228,10 +231,18 @@ class Bench:
 
     # --- keyq throughput ---------------------------------------------------------------------
 
-    def keyq_drain(self, n: int, keys: int, bulk: bool, keep_running: bool = False) -> DrainResult:
+    def keyq_drain(
+        self,
+        n: int,
+        keys: int,
+        bulk: bool,
+        keep_running: bool = False,
+        worker_env: dict[str, str] | None = None,
+    ) -> DrainResult:
         """Fill the partition queues with n adds over `keys` keys (one broker message per add,
-        or send_many's one per partition), start the keyq workers, time the drain. Each
-        worker's CPU is read when it takes the first message of its own partitions."""
+        or send_many's one per partition), start the keyq workers (with `worker_env` added to
+        their environment), time the drain. Each worker's CPU is read when it takes the first
+        message of its own partitions."""
         lkey = latency_key(self.settings)
         self.redis.delete(lkey)
         started = time.perf_counter()
@@ -252,7 +263,7 @@ class Bench:
         specs = static_slices(self.settings.partitions, self.workers)
         slices = [self._slice_queues(spec) for spec in specs]
         initial = [self._queue_total(qs) for qs in slices]
-        procs = self._start_keyq_static()
+        procs = self._start_keyq_static(worker_env)
         # per worker: (time, CPU) when its own queues first shrink
         base: list[tuple[float, float] | None] = [None if n0 else (0.0, 0.0) for n0 in initial]
         deadline = time.monotonic() + 60
@@ -291,6 +302,32 @@ class Bench:
             [s.latency_s for s in samples],
             worker_us_per_msg=cpu.us_per_msg,
         )
+
+    def events_cost(self, n: int, keys: int) -> dict[str, Any]:
+        """The throughput cost of the task events Flower reads (keyq.flower_events): the same
+        send drain with the events off (KEYQ_FLOWER_EVENT_RATE=0), on as deployed (the default
+        rate, successes sampled above it) and on for every message (no sampling), in this order
+        (one drain each; `ratio` and `all_ratio` are on/off and every/off)."""
+        drains: dict[str, DrainResult] = {}
+        for name, rate in (
+            ("off", "0"),
+            ("on", f"{DEFAULT_EVENT_RATE:g}"),
+            ("all", f"{UNSAMPLED_EVENT_RATE:g}"),
+        ):
+            drains[name] = self.keyq_drain(n, keys, bulk=False, worker_env={RATE_VARIABLE: rate})
+        off, on, every = drains["off"], drains["on"], drains["all"]
+        return {
+            "messages": n,
+            "on_rate_setting": DEFAULT_EVENT_RATE,
+            "off_msgs_per_s": off.rate,
+            "on_msgs_per_s": on.rate,
+            "ratio": on.rate / off.rate if off.rate else None,
+            "all_msgs_per_s": every.rate,
+            "all_ratio": every.rate / off.rate if off.rate else None,
+            "off_worker_us_per_msg": off.worker_us_per_msg,
+            "on_worker_us_per_msg": on.worker_us_per_msg,
+            "all_worker_us_per_msg": every.worker_us_per_msg,
+        }
 
     def _slice_queues(self, spec: str) -> list[str]:
         lo, hi = (int(x) for x in spec.split("-"))
