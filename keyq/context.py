@@ -8,6 +8,7 @@ and a handler that raises leaves no timer change behind.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
@@ -45,7 +46,7 @@ class HandlerContext:
     key: str
     message_id: str
     partition: int
-    now: float  # epoch seconds at which the batch is applied
+    now: float  # epoch seconds at which the batch is applied, on the database's clock
     max_payload_bytes: int
     timer: TimerFire | None = None
     changes: list[TimerChange] = field(default_factory=list)
@@ -62,6 +63,7 @@ class HandlerContext:
         name: str = "default",
         catch_up: str = "coalesce",
         every_s: float | None = None,
+        jitter: float = 0.0,
     ) -> None:
         """Send `op` with `payload` to this key after delay_s (then every every_s, if given).
 
@@ -69,6 +71,12 @@ class HandlerContext:
         what a periodic timer does when periods were missed while its partition was down or
         backed up: "coalesce" fires once for all of them, "skip" drops them and waits for the
         next period, "each" fires once per missed period. A one-shot timer always fires.
+
+        jitter (a fraction of every_s, 0 to 1; default 0: exactly on the period) delays a
+        periodic timer's first fire by a fixed part of jitter * every_s, and so all its fires:
+        keys that arm the same period at once do not fire in lockstep, and each key still
+        fires every every_s. The part comes from a hash of (entity, key, name), so arming the
+        same timer again keeps it.
         """
         if not isinstance(delay_s, int | float) or not math.isfinite(delay_s) or delay_s < 0:
             raise ValidationError(f"timer delay_s must be a finite number >= 0, got {delay_s!r}")
@@ -78,11 +86,21 @@ class HandlerContext:
             or every_s < MIN_EVERY_S
         ):
             raise ValidationError(f"timer every_s must be None or >= {MIN_EVERY_S}: {every_s!r}")
+        if (
+            not isinstance(jitter, int | float)
+            or not math.isfinite(jitter)
+            or not 0 <= jitter <= 1
+        ):
+            raise ValidationError(f"timer jitter must be a fraction from 0 to 1, got {jitter!r}")
+        if jitter and every_s is None:
+            raise ValidationError("timer jitter spreads periodic timers: it needs every_s")
         if catch_up not in CATCH_UP_POLICIES:
             raise ValidationError(f"catch_up must be one of {CATCH_UP_POLICIES}, got {catch_up!r}")
         _check_name(name)
         self.entity_type.handler_for(op)
         check_payload(payload, self.max_payload_bytes)
+        every_ms = None if every_s is None else round(every_s * 1000)
+        spread = 0 if every_ms is None else jitter_ms(self.entity, self.key, name, every_ms, jitter)
         self.changes.append(
             TimerRow(
                 entity=self.entity,
@@ -90,10 +108,10 @@ class HandlerContext:
                 name=name,
                 timer_id=uuid.uuid4().hex,
                 partition=self.partition,
-                due_ms=round((self.now + delay_s) * 1000),
+                due_ms=round((self.now + delay_s) * 1000) + spread,
                 op=op,
                 payload=payload,
-                every_ms=None if every_s is None else round(every_s * 1000),
+                every_ms=every_ms,
                 catch_up=catch_up,
             )
         )
@@ -102,6 +120,14 @@ class HandlerContext:
         """Drop this key's pending timer of that name (nothing happens if there is none)."""
         _check_name(name)
         self.changes.append(TimerDelete(self.entity, self.key, name))
+
+
+def jitter_ms(entity: str, key: str, name: str, every_ms: int, jitter: float) -> int:
+    """A periodic timer's fixed delay in [0, jitter * every_ms]: the same for the same
+    (entity, key, name), spread evenly over keys (a hash, not a random draw)."""
+    ident = f"{entity}\0{key}\0{name}".encode("utf-8", "surrogatepass")
+    unit = int.from_bytes(hashlib.blake2b(ident, digest_size=8).digest(), "big") / 2**64
+    return math.floor(unit * jitter * every_ms)
 
 
 def _check_name(name: object) -> None:

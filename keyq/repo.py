@@ -535,17 +535,38 @@ class Repo:
             raise RepoError(f"loading the timers of {len(found)} key(s) failed: {e}") from e
         return found
 
+    def clock_ms(self) -> int:
+        """The database's clock in epoch milliseconds: the one clock timers are due by.
+
+        Every worker reads it (``keyq.timers.SharedClock``) instead of trusting its own wall
+        clock. SQLite is embedded: its clock is the clock of the one host it runs on.
+        """
+        if self._dialect == "postgresql":
+            query = sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+        else:
+            query = sa.text("SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)")
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+        except SQLAlchemyError as e:
+            raise repo_error(e, "reading the database clock") from e
+
     @_timed("due_timers")
     def due_timers(self, partitions: Iterable[int], now_ms: int, limit: int) -> list[TimerRow]:
-        """Timers of these partitions due at now_ms, earliest first, at most `limit`."""
+        """Timers of these partitions due at now_ms, at most `limit`, in due order: by due_ms,
+        then timer_id (a total order, as Python compares the pair: the poller relies on it).
+
+        now_ms comes from ``clock_ms`` (the database's clock) on a worker."""
         parts = sorted(set(partitions))
         if not parts or limit <= 0:
             return []
         t = timer_table.c
+        # byte order on PostgreSQL whatever the database's collation (SQLite's is binary)
+        timer_id = t.timer_id.collate("C") if self._dialect == "postgresql" else t.timer_id
         query = (
             sa.select(timer_table)
             .where(t.partition.in_(parts), t.due_ms <= now_ms)
-            .order_by(t.due_ms)
+            .order_by(t.due_ms, timer_id)
             .limit(limit)
         )
         try:

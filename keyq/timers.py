@@ -7,6 +7,11 @@ publishes each as an ordinary envelope on the key's partition, with a message id
 timer id and the due time, so a re-publish is skipped by the per-key dedupe. Applying the fire
 checks that the row is still the one that was published, runs the handler, and deletes or
 reschedules the row in the batch's commit (``decide`` applies the catch-up policy).
+
+One clock: whether a timer is due, and when a handler's schedule() is due, is decided by the
+database's clock (``SharedClock``), never by a worker's own wall clock, so a host whose clock is
+off fires nothing early or late. The poller reads the database's clock on every tick and asks
+for the timers due by it; the applier's ``now`` is this host's clock plus the offset last read.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from keyq.envelope import Envelope, TimerRef
+from keyq.errors import RepoError
 from keyq.records import TimerChange, TimerDelete, TimerRow
 from keyq.repo import Repo
 
@@ -25,6 +31,55 @@ log = logging.getLogger(__name__)
 FIRES_PER_TICK = 200  # at most this many fires published per housekeeping tick (no bursts)
 MAX_IN_FLIGHT = 2000  # fires published but not yet applied; past this, wait (backpressure)
 REPUBLISH_AFTER_S = 30.0  # a fire still due this long after its publish is published again
+CLOCK_MAX_AGE_S = 10.0  # a shared-clock offset older than this is read again before use
+
+
+class SharedClock:
+    """The one clock that timers are armed and fired by: the database's (``Repo.clock_ms``).
+
+    ``sync`` reads the database's clock and keeps its offset from this host's clock; ``now``
+    is this host's clock plus that offset (within about half a query's round trip), read
+    again first when it was never read or is older than ``max_age_s``. Without a reader it is
+    the local clock (the in-process harness, whose fake clock is the only clock).
+    """
+
+    def __init__(
+        self,
+        read_ms: Callable[[], int] | None = None,
+        local: Callable[[], float] = time.time,
+        max_age_s: float = CLOCK_MAX_AGE_S,
+    ) -> None:
+        self._read_ms = read_ms
+        self._local = local
+        self.max_age_s = max_age_s
+        self.offset_s = 0.0  # shared clock minus this host's clock, as last read
+        self._read_at: float | None = None  # local time of the last reading
+
+    def sync(self) -> int:
+        """Read the shared clock (epoch ms) and remember its offset from the local clock."""
+        if self._read_ms is None:
+            return int(self._local() * 1000)
+        before = self._local()
+        shared_ms = self._read_ms()
+        after = self._local()
+        self.offset_s = shared_ms / 1000.0 - (before + after) / 2
+        self._read_at = after
+        return shared_ms
+
+    def now(self) -> float:
+        """Epoch seconds on the shared clock."""
+        local = self._local()
+        stale = self._read_at is None or abs(local - self._read_at) > self.max_age_s
+        if self._read_ms is not None and stale:
+            try:
+                return self.sync() / 1000.0
+            except RepoError as e:  # the batch's own queries wait the outage out
+                log.warning(
+                    "keyq could not read the database clock, using offset %.3fs: %s",
+                    self.offset_s,
+                    e,
+                )
+        return local + self.offset_s
 
 
 def fire_message_id(timer_id: str, due_ms: int) -> str:
@@ -131,14 +186,17 @@ class TimerPoller:
         republish_after_s: float = REPUBLISH_AFTER_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` is this host's clock: it times republishes and stamps ``sent_at``; the
+        due-ness of timers is the database's clock (``self.clock``, shared with the applier)."""
         self.repo = repo
         self.publish = publish
         self.fires_per_tick = fires_per_tick
         self.max_in_flight = max_in_flight
         self.republish_after_s = republish_after_s
         self._clock = clock
-        # fire id -> (partition, published at, due_ms)
-        self._published: dict[str, tuple[int, float, int]] = {}
+        self.clock = SharedClock(repo.clock_ms, local=clock)
+        # fire id -> (partition, published at, (due_ms, timer_id): its place in due order)
+        self._published: dict[str, tuple[int, float, tuple[int, str]]] = {}
 
     def in_flight(self) -> int:
         return len(self._published)
@@ -153,22 +211,26 @@ class TimerPoller:
         Fires already published are forgotten as soon as they are no longer due (applied),
         BEFORE the room for new ones is computed: a full in-flight set must drain, never stall
         (it once returned early here, with 2,000 fires in flight, and timers stopped for good).
+        Due order is (due_ms, timer_id), a total order: with due_ms alone, fires of timers due
+        at the same instant as the query's last row could not be told applied, and a backlog
+        of more than max_in_flight timers due at once stopped for good.
         """
         parts = set(partitions)
-        now = self._clock()
         self._published = {k: v for k, v in self._published.items() if v[0] in parts}
         if not parts:
             return 0
+        now_ms = self.clock.sync()  # due by the database's clock, not this host's
+        now = self._clock()
         limit = self.max_in_flight + self.fires_per_tick
-        rows = self.repo.due_timers(parts, int(now * 1000), limit)
+        rows = self.repo.due_timers(parts, now_ms, limit)
         due_ids = {fire_message_id(r.timer_id, r.due_ms) for r in rows}
-        # rows come earliest first: a published fire due before the last row that is not among
-        # them has been applied (all of them, when the query was not cut by its limit)
-        horizon = rows[-1].due_ms if len(rows) >= limit else None
+        # rows come in due order: a published fire before the last row that is not among them
+        # has been applied (all of them, when the query was not cut by its limit)
+        horizon = (rows[-1].due_ms, rows[-1].timer_id) if len(rows) >= limit else None
         self._published = {
             k: v
             for k, v in self._published.items()
-            if k in due_ids or (horizon is not None and v[2] >= horizon)
+            if k in due_ids or (horizon is not None and v[2] > horizon)
         }
         room = min(self.fires_per_tick, self.max_in_flight - len(self._published))
         if room <= 0:
@@ -187,8 +249,8 @@ class TimerPoller:
         for partition, envelopes in by_partition.items():
             self.publish(envelopes)  # a broker error propagates: nothing is marked published
             for env in envelopes:
-                due_ms = env.timer.due_ms if env.timer is not None else 0
-                self._published[env.id] = (partition, now, due_ms)
+                order = (env.timer.due_ms, env.timer.timer_id) if env.timer else (0, "")
+                self._published[env.id] = (partition, now, order)
         if sent:
             log.info("keyq timers published fires=%d in_flight=%d", sent, len(self._published))
         return sent

@@ -269,6 +269,38 @@ def test_poller_drains_a_backlog_larger_than_its_in_flight_limit(sup_settings: S
         repo.dispose()
 
 
+def test_poller_drains_a_backlog_of_timers_that_are_all_due_at_the_same_instant(
+    sup_settings: Settings,
+) -> None:
+    """Many timers armed for one instant: the in-flight set must still drain. (Pruning by due
+    time alone kept every applied fire whose due time equalled the query's last row, so with
+    more than max_in_flight timers due at once the poller stopped for good.)"""
+    repo = Repo(sup_settings.database_url)
+    try:
+        rows = [
+            TimerRow("ticker", f"s{i}", "t", f"{(i * 7919) % 120:032x}", i % 8, 5000, "tick")
+            for i in range(120)
+        ]
+        repo.commit(0, 1, [], timers=rows)
+        published: list[Envelope] = []
+        poller = TimerPoller(
+            repo, published.extend, fires_per_tick=15, max_in_flight=30, republish_after_s=3600.0
+        )
+        for _ in range(40):
+            if poller.tick(range(8)) == 0 and len(published) == len(rows):
+                break
+            repo.commit(  # the worker applies what was published: each fire consumes its row
+                0,
+                1,
+                [],
+                timers=[TimerDelete(e.entity, e.key, e.timer.name) for e in published if e.timer],
+            )
+        assert sorted(e.key for e in published) == sorted(r.key for r in rows)  # once each
+        assert poller.in_flight() == 0
+    finally:
+        repo.dispose()
+
+
 # --- pure functions -----------------------------------------------------------------------
 
 
