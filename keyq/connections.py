@@ -12,7 +12,9 @@ database connection. Here each kind of connection gets explicit limits from Sett
 - The broker (kombu) gets the same connect and read timeouts through its transport options.
 - The database: a connect timeout, TCP keepalives and ``tcp_user_timeout`` (a dead peer is
   found within seconds), and a statement timeout on PostgreSQL; SQLite waits out a writer's
-  lock for the statement timeout.
+  lock for the statement timeout. A server that acknowledges but never answers (stopped, hung,
+  a proxy in between that stopped relaying) passes all of those: every wait of psycopg2 for
+  its server is bounded too (``install_database_wait_limit``).
 
 Redis Sentinel: a ``sentinel://host:port[;sentinel://host:port...][/db]`` URL (Celery's form)
 names the sentinels instead of a server; with ``KEYQ_SENTINEL_MASTER`` every client here asks
@@ -255,4 +257,77 @@ def engine_options(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> dict[str,
     }
     if statement_ms:
         connect_args["options"] = f"-c statement_timeout={statement_ms}"
+    install_database_wait_limit()
     return {"connect_args": connect_args, "pool_timeout": timeouts.database_connect_s}
+
+
+DATABASE_ANSWER_MARGIN_S = 2.0  # past the statement timeout, the server's own cancel is here
+
+
+def install_database_wait_limit() -> None:
+    """Bound every wait of psycopg2 for its server, in this process (idempotent).
+
+    libpq waits for an answer without any limit, and the server-side statement timeout cannot
+    help when the server never got the statement or cannot answer: a hung connection held a
+    worker's partitions forever (tests/test_hung_connection.py). psycopg2's wait callback makes
+    every wait go through ``_wait_with_limit``. A callback set by someone else (psycogreen)
+    is left alone.
+    """
+    try:
+        import psycopg2.extensions  # type: ignore[import-untyped]
+    except ImportError:  # another driver (psycopg 3) has timeouts of its own to set
+        return
+    if psycopg2.extensions.get_wait_callback() is None:
+        psycopg2.extensions.set_wait_callback(_wait_with_limit)
+
+
+def _wait_limits(dsn: str) -> tuple[float | None, float | None]:
+    """A connection's limits, read from its DSN (what engine_options put there): for
+    connecting, its connect_timeout (libpq does not apply it once a wait callback is set); for
+    any answer, its statement timeout + connect timeout + a margin, or None without one."""
+    import re
+
+    import psycopg2.extensions
+
+    found = _WAIT_LIMITS.get(dsn)
+    if found is None:
+        params = psycopg2.extensions.parse_dsn(dsn)
+        raw = params.get("connect_timeout")
+        connect = float(raw) if raw and float(raw) > 0 else None
+        match = re.search(r"statement_timeout\s*=\s*(\d+)", params.get("options") or "")
+        statement_s = int(match.group(1)) / 1000 if match else 0.0
+        answer = statement_s + (connect or 0.0) + DATABASE_ANSWER_MARGIN_S if statement_s else None
+        found = _WAIT_LIMITS[dsn] = (connect, answer)
+    return found
+
+
+_WAIT_LIMITS: dict[str, tuple[float | None, float | None]] = {}
+
+
+def _wait_with_limit(conn: Any) -> None:
+    """psycopg2's wait_select, with a limit on each wait: no byte from the server for that
+    long and the connection is given up (psycopg2 closes it; SQLAlchemy's pool drops it, the
+    next checkout connects anew)."""
+    import select
+
+    import psycopg2
+    import psycopg2.extensions as ext
+
+    connecting, answering = _wait_limits(conn.dsn)
+    limit = connecting if conn.status == ext.STATUS_SETUP else answering
+    poller = select.poll()
+    fd = conn.fileno()
+    while True:
+        state = conn.poll()
+        if state == ext.POLL_OK:
+            return
+        if state == ext.POLL_READ:
+            poller.register(fd, select.POLLIN)
+        elif state == ext.POLL_WRITE:
+            poller.register(fd, select.POLLOUT)
+        else:
+            raise psycopg2.OperationalError(f"bad state from poll: {state}")
+        if not poller.poll(None if limit is None else limit * 1000):
+            raise psycopg2.OperationalError(
+                f"no answer from the database server within {limit:g}s: connection given up"
+            )

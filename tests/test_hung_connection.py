@@ -1,0 +1,224 @@
+"""Hung connections: a TCP proxy in front of one worker's Redis (or its PostgreSQL) stops
+relaying mid-load without closing anything, as a stopped server or a silent network would.
+Every call of that worker has a timeout, so it notices; the lease it can no longer renew runs
+out and the other worker serves its partitions within a bound; when the proxy relays again the
+hung worker comes back and serves. Every key's history ends complete, once and in send order."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+
+from keyq.client import Client
+from keyq.repo import Repo
+from keyq.settings import Settings
+from tests.conftest import WorkerFactory, WorkerProcess, poll
+from tests.ownership_helpers import (  # noqa: F401  (database_url: PostgreSQL only)
+    database_url,
+    keys_in_partition,
+    lease_owners,
+)
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+READ_TIMEOUT_S = 1.0  # the hung worker's Redis read timeout
+SLACK_S = 2.0  # two noisy cores: scheduling, a batch in hand, the survivor's tick
+KEYS = 16
+
+
+@dataclass
+class Load:
+    """A producer thread sending `witness` messages round-robin over some keys (each records
+    [payload, pid of the process that applied it]), and the checks of what it sent."""
+
+    client: Client
+    keys: list[str]
+    sent: dict[str, int] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Load:
+        self.sent = dict.fromkeys(self.keys, 0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for n in itertools.count():
+                if self.stop.is_set():
+                    return
+                key = self.keys[n % len(self.keys)]
+                self.client.send("witness", key, "see", self.sent[key])
+                self.sent[key] += 1
+                time.sleep(0.003)
+        except BaseException as e:  # reported by finish()
+            self.errors.append(e)
+
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        assert not self.errors, f"the producer failed: {self.errors!r}"
+
+    def log(self, key: str) -> list[list[Any]]:
+        state = self.client.read("witness", key)
+        return list(state["log"]) if state else []
+
+    def problems(self) -> dict[str, str]:
+        """Keys whose history is not exactly 0..sent-1 in order: what is wrong with each."""
+        out: dict[str, str] = {}
+        for key in self.keys:
+            got = [int(p) for p, _ in self.log(key)]
+            if got != list(range(self.sent[key])):
+                out[key] = history_diff(got, self.sent[key])
+        return out
+
+    def wait_complete(self, timeout: float = 30.0) -> None:
+        try:
+            poll(lambda: not self.problems(), timeout, 0.2, what="every history complete")
+        except AssertionError:
+            raise AssertionError(f"histories wrong: {self.problems()}") from None
+
+
+def history_diff(got: list[int], sent: int) -> str:
+    missing = sorted(set(range(sent)) - set(got))
+    dupes = sorted({x for x in got if got.count(x) > 1})
+    disorder = [(a, b) for a, b in itertools.pairwise(got) if b < a]
+    return (
+        f"sent={sent} got={len(got)} missing={missing[:8]} dupes={dupes[:8]} "
+        f"order={disorder[:4]}"
+    )
+
+
+def probe(
+    client: Client, key: str, since: float, limit: float, by_pid: int | None = None
+) -> float:
+    """Send `witness` messages to key (tagged with `since`) until one of them is applied, by
+    process by_pid if given: the seconds from `since` until that was seen (AssertionError
+    past `limit`)."""
+    tag = repr(since)
+    n = 0
+    while True:
+        client.send("witness", key, "see", {"probe": tag, "n": n})
+        n += 1
+        state = client.read("witness", key)
+        for payload, pid in state["log"] if state else []:
+            ours = isinstance(payload, dict) and payload.get("probe") == tag
+            if ours and (by_pid is None or pid == by_pid):
+                return time.monotonic() - since
+        if time.monotonic() - since > limit:
+            who = f"process {by_pid}" if by_pid else "any process"
+            raise AssertionError(f"{who} applied no message of {key!r} within {limit:.0f}s")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[TcpProxy]:
+    with TcpProxy("127.0.0.1", 6379) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    with TcpProxy("127.0.0.1", 5432) as proxy:
+        yield proxy
+
+
+def two_nodes(
+    start_worker: WorkerFactory,
+    redis_client: redis.Redis,
+    base: Settings,
+    hung: Settings,
+) -> tuple[WorkerProcess, WorkerProcess, list[int]]:
+    """The survivor (direct connections) and the node behind the proxy; both own partitions.
+    Returns them and the partitions the proxied node owns."""
+    survivor = start_worker(settings_override=base)
+    node = start_worker(settings_override=hung)
+    a, b = node.node_id(redis_client, base), survivor.node_id(redis_client, base)
+
+    def both_own() -> list[int] | None:
+        owners = lease_owners(redis_client, base)
+        if len(owners) < base.partitions or set(owners.values()) != {a, b}:
+            return None
+        return sorted(p for p, n in owners.items() if n == a)
+
+    parts = poll(both_own, 30.0, what="both workers to own partitions")
+    assert isinstance(parts, list)
+    return node, survivor, parts
+
+
+def owner_runs(log: list[list[Any]]) -> list[int]:
+    """The pids of a witness log with repeats folded: [a, a, b, b, a] -> [a, b, a]."""
+    return [pid for pid, _ in itertools.groupby(pid for _, pid in log)]
+
+
+def log_time(line_start: str) -> float:
+    """The wall-clock time of a worker log line ("2026-01-01 10:00:00,123 ...")."""
+    import datetime
+
+    stamp = datetime.datetime.strptime(line_start[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+def first_line_after(log: str, needle: str, after_wall: float) -> float | None:
+    """Wall-clock time of the first log line holding needle, logged at or after after_wall."""
+    for line in log.splitlines():
+        if needle in line and line[:4].isdigit():
+            at = log_time(line)
+            if at >= after_wall - 0.01:
+                return at
+    return None
+
+
+def test_hung_database_connections_are_given_up_and_the_node_serves_on(
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+    pg_proxy: TcpProxy,
+    repo: Repo,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Every PostgreSQL connection of one node hangs mid-load (the proxy stops relaying them;
+    new connections work). Each call on a hung connection gives up after the statement timeout
+    + connect timeout + 2 s (keyq.connections' wait limit), the pool opens a new one, and the
+    node applies its partitions' messages again within that limit + slack."""
+    statement_s, connect_s = 2.0, 1.0
+    base = settings.with_(
+        database_statement_timeout_s=statement_s, database_connect_timeout_s=connect_s
+    )
+    db = settings.database_url.rsplit("/", 1)[1]
+    hung_settings = base.with_(database_url=pg_proxy.url("postgresql", f"/{db}", "postgres"))
+    node, _, parts = two_nodes(start_worker, redis_client, base, hung_settings)
+    probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
+    load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
+    try:
+        poll(lambda: load.total() > 200, what="load to build up")
+        assert pg_proxy.hang() > 0, "the node has no database connection to hang"
+        hung_at = time.monotonic()
+        wait_limit = statement_s + connect_s + 2.0  # keyq.connections.DATABASE_ANSWER_MARGIN_S
+        bound = wait_limit + base.lease_ttl_s + SLACK_S
+        served_s = probe(client, probe_key, hung_at, bound + 20.0, by_pid=node.pid)
+        more = load.total() + 300
+        poll(lambda: load.total() > more, what="more load after the hang")
+    finally:
+        load.finish()
+    record_property("served_again_seconds", round(served_s, 3))
+    print(f"hung database connections: served again after {served_s:.3f}s", file=sys.stderr)
+    assert served_s < bound, f"served again after {served_s:.1f}s, bound {bound:.1f}s"
+    load.wait_complete()
+    assert repo.dead_letters() == []
