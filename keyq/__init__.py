@@ -4,6 +4,7 @@ from keyq.aio import AsyncClient
 from keyq.client import Client
 from keyq.entity import Entity, EntityRegistry, handler
 from keyq.errors import (
+    AlreadyAppliedError,
     BrokerUnavailableError,
     CacheUnavailableError,
     CallTimeoutError,
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidPayloadError",
     "KeyqError",
     "MessageRefusedError",
+    "AlreadyAppliedError",
     "NoHandlerContextError",
     "OverloadedError",
     "PartialPublishError",

@@ -462,6 +462,8 @@ class Applier:
         for env in envs:
             if env.id in act.recent_set or env.id in seen:
                 outcome.duplicates += 1
+                if env.reply:  # a retried call: behind the first reply if that is still unread
+                    outcome.replies.append((env.id, replies.ALREADY_APPLIED))
                 continue
             seen.add(env.id)
             pending.append(env)

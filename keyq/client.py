@@ -6,6 +6,7 @@ key, a non-JSON or oversize payload raise a typed ValidationError and publish no
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ from keyq.settings import Settings, redact_url
 
 if TYPE_CHECKING:  # only reads that miss the cache need the database (and SQLAlchemy)
     from keyq.repo import Repo
+
+log = logging.getLogger(__name__)
 
 
 OVERLOAD_RETRY_MIN_S = 0.02  # send(wait=...) on an overloaded partition: first pause ...
@@ -253,7 +256,21 @@ class Client:
                 f"no reply from {entity}/{key} {op} within {timeout:g}s "
                 f"(message {env.id} may still be applied)"
             )
+        if idempotency_key is not None:
+            self._keep_reply(reply_key, got)
         return replies.decode(got, entity=entity, key=key, op=op, message_id=env.id)
+
+    def _keep_reply(self, reply_key: str, got: bytes) -> None:
+        """An idempotent call's reply goes back to the head of its list (for its reply TTL), so
+        a retry of the same request (same idempotency key, so same message id) gets the same
+        reply, not the worker's "already applied"."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.lpush(reply_key, got)
+            pipe.pexpire(reply_key, replies.REPLY_TTL_MS)
+            pipe.execute()
+        except redis.RedisError as e:  # the caller has its reply; a retry learns less
+            log.warning("keyq could not keep the reply of an idempotent call: %s", e)
 
     def read(self, entity: str, key: str) -> JSON:
         """The key's current state (cache, else Repo, then fill the cache); None if unknown.

@@ -165,3 +165,8 @@ class NoHandlerContextError(KeyqError):
 
 class MessageRefusedError(HandlerError):
     """The worker refused a malformed message and dead-lettered it."""
+
+
+class AlreadyAppliedError(HandlerError):
+    """The message (its id, or its idempotency key) was applied before, exactly once; the
+    reply of that first application is no longer available to this caller."""

@@ -105,7 +105,10 @@ class PartitionOwnership:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}  # partition -> token, consuming
         self._draining: dict[int, tuple[int, float]] = {}  # partition -> (token, stop time)
-        self._lost: set[int] = set()  # renewal failed; the loop stops consuming at next tick
+        # partition -> the token whose lease was lost (a failed renewal, a refused write): the
+        # loop stops consuming at its next tick. By token, so a late report about an old lease
+        # never stops a newer lease of the same partition.
+        self._lost: dict[int, int] = {}
         # partition -> monotonic time its lease surely lasts until (claim or renewal start + TTL):
         # past it this node stops applying even before its heartbeat learns the lease is gone
         self._valid_until: dict[int, float] = {}
@@ -120,17 +123,19 @@ class PartitionOwnership:
     def token(self, partition: int) -> int | None:
         """The fencing token if this node holds and consumes the partition now."""
         with self._lock:
-            if partition in self._lost:
+            token = self._held.get(partition)
+            if token is None or self._lost.get(partition) == token:
                 return None
             if time.monotonic() >= self._valid_until.get(partition, 0.0):
                 return None
-            return self._held.get(partition)
+            return token
 
-    def mark_lost(self, partition: int) -> None:
-        """The task body learnt that the partition moved on (a refused write)."""
+    def mark_lost(self, partition: int, token: int) -> None:
+        """The task body learnt that the lease `token` of the partition moved on (a refused
+        write); a report about an older lease than the one held now changes nothing."""
         with self._lock:
-            if partition in self._held:
-                self._lost.add(partition)
+            if self._held.get(partition) == token:
+                self._lost[partition] = token
 
     def held(self) -> dict[int, int]:
         with self._lock:
@@ -158,7 +163,7 @@ class PartitionOwnership:
     def heartbeat(self) -> None:
         """Announce this node and renew the leases it holds (or drains); mark lost ones."""
         with self._lock:
-            consuming = sorted(p for p in self._held if p not in self._lost)
+            consuming = sorted(p for p, t in self._held.items() if self._lost.get(p) != t)
         info = {**self.info, **self.hooks.pulse(), "partitions": consuming, "ts": time.time()}
         members, static = self.membership.heartbeat(
             self.node_id, info, balanced=self.static_partitions is None
@@ -167,7 +172,7 @@ class PartitionOwnership:
             self._members = members
             self._static_elsewhere = static
             # a lost lease is not renewed again (the loop drops it at its next tick)
-            renewing = {p: tok for p, tok in self._held.items() if p not in self._lost}
+            renewing = {p: tok for p, tok in self._held.items() if self._lost.get(p) != tok}
             renewing.update({p: tok for p, (tok, _) in self._draining.items()})
         started = time.monotonic()
         result = self.leases.renew(self.node_id, renewing)
@@ -176,8 +181,9 @@ class PartitionOwnership:
             for p, ok in result.items():
                 if ok and self._held.get(p) == renewing[p]:
                     self._valid_until[p] = started + self.settings.lease_ttl_s
-            if lost:
-                self._lost.update(p for p in lost if p in self._held)
+            for p in lost:  # only if the lease renewed is still the one held
+                if self._held.get(p) == renewing[p]:
+                    self._lost[p] = renewing[p]
         if lost:
             log.error("keyq lost partition leases node=%s partitions=%s", self.node_id, lost)
 
@@ -215,7 +221,7 @@ class PartitionOwnership:
         desired = self.desired(members)
 
         with self._lock:
-            lost = [p for p in self._lost if p in self._held]
+            lost = [p for p, t in self._lost.items() if self._held.get(p) == t]
             for p in lost:
                 del self._held[p]
                 self._valid_until.pop(p, None)

@@ -46,6 +46,7 @@ class NameRegistry:
         self.client = client
         self.settings = settings
         self._compare_delete = register(client, "compare_delete")
+        self._register = register(client, "names_register")
         self._live = register(client, "live_members")
         # a name outlives its last use by the idle timeout plus slack, then expires by itself
         self.ttl_ms = int(settings.idle_timeout_s * 1000 * 1.5) + 4 * settings.lease_ttl_ms
@@ -54,10 +55,19 @@ class NameRegistry:
         return self.settings.redis_key("n", entity, key)
 
     def register_many(
-        self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]], node_id: str
+        self,
+        pipe: redis.client.Pipeline,
+        lease: tuple[str, str],
+        names: Iterable[tuple[str, str]],
+        node_id: str,
     ) -> None:
-        for entity, key in names:
-            pipe.set(self.name_key(entity, key), node_id, px=self.ttl_ms)
+        """Queue the names' registration, fenced: the script sets them only while `lease`
+        (key, value) still holds this writer's token (its reply is -1 when refused)."""
+        keys = [self.name_key(entity, key) for entity, key in names]
+        if keys:
+            self._register(
+                keys=[lease[0], *keys], args=[lease[1], node_id, self.ttl_ms], client=pipe
+            )
 
     def release_many(
         self, pipe: redis.client.Pipeline, names: Iterable[tuple[str, str]], node_id: str

@@ -6,7 +6,13 @@ import json
 from typing import Any
 
 from keyq.entity import JSON
-from keyq.errors import HandlerCrashedError, HandlerError, MessageRefusedError, Rejected
+from keyq.errors import (
+    AlreadyAppliedError,
+    HandlerCrashedError,
+    HandlerError,
+    MessageRefusedError,
+    Rejected,
+)
 
 REPLY_TTL_MS = 300_000  # an unread reply expires after five minutes
 
@@ -15,7 +21,21 @@ _ERRORS: dict[str, type[HandlerError]] = {
     "rejected": Rejected,
     "crashed": HandlerCrashedError,
     "refused": MessageRefusedError,
+    "duplicate": AlreadyAppliedError,
 }
+
+# the reply to a message applied before: a retried call learns that, instead of timing out
+ALREADY_APPLIED = json.dumps(
+    {
+        "ok": False,
+        "error": {
+            "kind": "duplicate",
+            "type": "AlreadyAppliedError",
+            "message": "applied before, exactly once; its reply is no longer available",
+        },
+    },
+    separators=(",", ":"),
+)
 
 
 def ok(value: JSON) -> dict[str, Any]:

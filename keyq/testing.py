@@ -339,7 +339,7 @@ class Harness:
         self.outcomes.append(outcome)
         self.stats.add(outcome)
         for message_id, encoded in outcome.replies:
-            self.replies[message_id] = encoded
+            self.replies.setdefault(message_id, encoded)  # a duplicate's reply queues behind
         for act in outcome.evicted:  # the activation cap: least recently used out
             self._passivate(act)
 

@@ -188,11 +188,11 @@ class WorkerRuntime(OwnershipHooks):
     def settle(self) -> bool:
         return self._settle()
 
-    def _lost_here(self, partition: int) -> None:
+    def _lost_here(self, partition: int, token: int) -> None:
         """The partition moved on (or its messages cannot be moved now): stop consuming it at
         once, not at the next tick. What sits in its in-flight list or in kombu's unacked
         records stays there for the next owner's restore (or ours, after a new claim)."""
-        self.ownership.mark_lost(partition)
+        self.ownership.mark_lost(partition, token)
         self.stop_consuming(partition)
 
     # --- the task body ---------------------------------------------------------------------
@@ -217,11 +217,11 @@ class WorkerRuntime(OwnershipHooks):
                 self.node_id, e,
             )
             if token is not None:
-                self._lost_here(partition)
+                self._lost_here(partition, token)
             return
         if claimed != 1:
             if token is not None:  # the lease changed under us: the new owner restores
-                self._lost_here(partition)
+                self._lost_here(partition, token)
             if claimed == 0:
                 log.info(
                     "keyq returned a message to the head of %s (not owned here) node=%s",
@@ -277,12 +277,12 @@ class WorkerRuntime(OwnershipHooks):
         if not alone and room > 0:
             more = self.mailbox.drain(partition, batch.leases[partition], room)
             if more is None:
-                self._lost_here(partition)
+                self._lost_here(partition, batch.tokens[partition])
                 return
             self._take(partition, [self._decode(m) for m in more], batch)
         poison = self.mailbox.take_poison(partition, batch.leases[partition], POISON_PER_BATCH)
         if poison is None:
-            self._lost_here(partition)
+            self._lost_here(partition, batch.tokens[partition])
             return
         if poison:
             self._take(partition, [self._decode(m) for m in poison], batch)
@@ -345,7 +345,7 @@ class WorkerRuntime(OwnershipHooks):
             more = self.mailbox.drain(p, lease, min(n, room))
             if more is None:
                 del batch.leases[p], batch.tokens[p]
-                self._lost_here(p)
+                self._lost_here(p, token)
                 continue
             before = len(batch.raws.get(p, []))
             self._take(p, [self._decode(m) for m in more], batch)
@@ -360,7 +360,7 @@ class WorkerRuntime(OwnershipHooks):
                 keep_trying=lambda: all(self.ownership.token(p) == batch.tokens[p] for p in parts),
                 dead_letters=batch.dead,
                 rerouted=frozenset(batch.rerouted),
-                on_early_commit=self._committed_early,
+                on_early_commit=lambda early: self._committed_early(early, batch.leases),
             )
         except StaleWriteError as e:
             metrics.stale_writes.inc()
@@ -377,7 +377,7 @@ class WorkerRuntime(OwnershipHooks):
             self._put_back(batch, bump=False)
             return
         metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._after_commit(outcome)
+        self._after_commit(outcome, batch.leases)
         for p in parts:
             try:
                 self.mailbox.settle(p, batch.leases[p])
@@ -385,10 +385,10 @@ class WorkerRuntime(OwnershipHooks):
                 log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
         self._count(outcome)
 
-    def _committed_early(self, outcome: BatchOutcome) -> None:
+    def _committed_early(self, outcome: BatchOutcome, leases: dict[int, Lease]) -> None:
         """The keys of a batch that finished while another backs off are committed: their
         cache, replies and names go out now; the in-flight list is settled with the batch."""
-        self._after_commit(outcome)
+        self._after_commit(outcome, leases)
         self._count(outcome)
 
     def _dead_letter_alone(self, partition: int, batch: _Batch, error: RepoDataError) -> bool:
@@ -434,7 +434,7 @@ class WorkerRuntime(OwnershipHooks):
                 log.error("keyq could not requeue partition=%s node=%s: %s", p, self.node_id, e)
                 moved = -1
             if moved < 0:
-                self._lost_here(p)
+                self._lost_here(p, batch.tokens[p])
 
     # --- messages on a queue that is not their partition's ----------------------------------
 
@@ -484,7 +484,19 @@ class WorkerRuntime(OwnershipHooks):
         except UnicodeEncodeError:
             return None
 
-    def _after_commit(self, outcome: BatchOutcome) -> None:
+    def _register_names(
+        self, pipe: redis.client.Pipeline, acts: Sequence[Activation], leases: dict[int, Lease]
+    ) -> None:
+        """Register the activations' names, fenced by the lease each partition was applied
+        under: once a partition has moved on, its old owner's late writes are refused."""
+        by_partition: dict[int, list[tuple[str, str]]] = {}
+        for act in acts:
+            if act.partition in leases:
+                by_partition.setdefault(act.partition, []).append(act.id)
+        for p, names in by_partition.items():
+            self.names.register_many(pipe, leases[p], names, self.node_id)
+
+    def _after_commit(self, outcome: BatchOutcome, leases: dict[int, Lease]) -> None:
         """Cache, replies, registry and re-routes of a committed batch. None of it may undo the
         commit: a failure here is logged (the reconciler heals the cache; a caller times out)."""
         try:
@@ -507,7 +519,7 @@ class WorkerRuntime(OwnershipHooks):
             ]
             for act in renew:
                 act.name_renewed_at = now
-            self.names.register_many(pipe, [a.id for a in renew], self.node_id)
+            self._register_names(pipe, renew, leases)
             # a key evicted and activated again within this batch keeps its name
             gone = [a.id for a in outcome.evicted if a.id not in self.activations]
             self.names.release_many(pipe, gone, self.node_id)
@@ -541,6 +553,7 @@ class WorkerRuntime(OwnershipHooks):
     def housekeeping(self) -> None:
         """Passivate idle activations, publish due timers of held partitions, set gauges."""
         idle = self.activations.idle()
+        held = self.ownership.held()
         kept = [a for a in idle if a.entity_type.instance.always_on]
         if kept:  # always-on keys stay activated and named; only the activation cap evicts them
             idle = [a for a in idle if not a.entity_type.instance.always_on]
@@ -548,7 +561,7 @@ class WorkerRuntime(OwnershipHooks):
                 self.activations.put(act)
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                self.names.register_many(pipe, [a.id for a in kept], self.node_id)
+                self._register_names(pipe, kept, {p: self.lease(p, t) for p, t in held.items()})
                 pipe.execute()
             except redis.RedisError as e:
                 log.error("keyq could not renew %d always-on name(s): %s", len(kept), e)
@@ -558,7 +571,6 @@ class WorkerRuntime(OwnershipHooks):
             self._release_names(idle)
             metrics.passivations.labels("idle").inc(len(idle))
         metrics.activations.set(len(self.activations))
-        held = self.ownership.held()
         if held:
             try:
                 self.timers.tick(held)

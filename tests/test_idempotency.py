@@ -13,7 +13,7 @@ import pytest
 from keyq.client import Client
 from keyq.entity import EntityRegistry
 from keyq.envelope import idempotent_message_id, make_envelope
-from keyq.errors import ValidationError
+from keyq.errors import AlreadyAppliedError, ValidationError
 from tests.conftest import WorkerFactory, poll
 
 REGISTRY = EntityRegistry.from_modules(["keyq.examples", "tests.entities"])
@@ -90,3 +90,22 @@ def test_a_request_sent_again_after_a_kill_is_applied_once(
     assert _seen(client, "sequence", "k") == ["charge", "other", "marker"]
     applied = [p for p, _pid in _seen(client, "slow", "s")]
     assert applied == [payload, "marker"]
+
+
+@pytest.mark.integration
+def test_a_retried_call_gets_the_first_reply_or_learns_it_was_applied(
+    start_worker: WorkerFactory, client: Client
+) -> None:
+    """A call retried with the same idempotency key (its first reply already read) gets that
+    same reply at once; once that reply is gone (expired), the retry is told the request was
+    applied before (AlreadyAppliedError), never a timeout; the state changed once."""
+    start_worker()
+    assert client.call("sequence", "r", "see", "pay", idempotency_key="req-7", timeout=10) == 1
+    assert client.call("sequence", "r", "see", "pay", idempotency_key="req-7", timeout=10) == 1
+    message_id = idempotent_message_id("sequence", "r", "req-7")
+    client.redis.delete(client.settings.redis_key("reply", message_id))  # as if it expired
+    with pytest.raises(AlreadyAppliedError) as caught:
+        client.call("sequence", "r", "see", "pay", idempotency_key="req-7", timeout=10)
+    assert caught.value.message_id == message_id
+    assert _seen(client, "sequence", "r") == ["pay"]
+    assert client.call("sequence", "r", "see", "next", timeout=10) == 2

@@ -323,3 +323,30 @@ def test_a_lease_not_renewed_in_time_stops_its_holder_applying(
     a.heartbeat()
     report = a.tick()
     assert 0 in report.lost and 0 not in a.held() and 0 not in report.acquired
+
+
+def test_lease_loss_is_tracked_by_token_not_by_partition(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A late report that an old lease was lost (a batch of the old lease refused after the
+    partition was claimed again) must not stop the newer lease of the same partition."""
+    from keyq.ownership import PartitionOwnership
+
+    a = PartitionOwnership(redis_client, settings, "node-a", RecordingHooks("node-a", []))
+    a.heartbeat()
+    a.tick()
+    old = a.token(0)
+    assert old is not None
+    a.mark_lost(0, old)
+    assert a.token(0) is None, "the lost lease stops applying at once"
+    a.leases.release(0, "node-a", old)
+    report = a.tick()
+    assert 0 in report.lost and 0 in report.acquired
+    new = a.token(0)
+    assert new is not None and new > old
+    a.mark_lost(0, old)  # late: about the lease given up above
+    assert a.token(0) == new
+    a.heartbeat()
+    assert 0 not in a.tick().lost
+    a.mark_lost(0, new)
+    assert a.token(0) is None

@@ -117,3 +117,25 @@ def test_lookups_of_active_keys_never_fail_under_load(
         producer.join(10)
     assert lookups == 50 * len(keys)
     assert errors == []
+
+
+def test_name_writes_are_fenced_by_the_writers_lease(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A stale owner's late post-commit write must not overwrite the new owner's names: the
+    registration holds only while the partition's lease still holds the writer's token."""
+    from keyq.cluster import Leases
+
+    names = NameRegistry(redis_client, settings)
+    lease_key = Leases(redis_client, settings).lease_key(3)
+    redis_client.set(lease_key, "node-b|8")  # node-b took the partition over with token 8
+    pipe = redis_client.pipeline(transaction=False)
+    names.register_many(pipe, (lease_key, "node-b|8"), [("counter", "k")], "node-b")
+    names.register_many(pipe, (lease_key, "node-a|7"), [("counter", "k")], "node-a")  # stale
+    assert pipe.execute() == [1, -1]
+    assert redis_client.get(names.name_key("counter", "k")) == b"node-b"
+    redis_client.delete(lease_key)
+    pipe = redis_client.pipeline(transaction=False)
+    names.register_many(pipe, (lease_key, "node-b|8"), [("counter", "k2")], "node-b")
+    assert pipe.execute() == [-1], "no lease at all: nobody may register"
+    assert redis_client.get(names.name_key("counter", "k2")) is None

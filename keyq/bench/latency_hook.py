@@ -20,7 +20,7 @@ HOOK_MODULE = __name__
 _original = WorkerRuntime._after_commit
 
 
-def _after_commit_with_latency(self: WorkerRuntime, outcome: BatchOutcome) -> None:
+def _after_commit_with_latency(self: WorkerRuntime, outcome: BatchOutcome, *args: Any) -> None:
     key = os.environ.get(BENCH_LATENCY_KEY)
     if key and outcome.sent:
         committed_at = time.time()
@@ -28,8 +28,8 @@ def _after_commit_with_latency(self: WorkerRuntime, outcome: BatchOutcome) -> No
             f"{p} {committed_at:.6f} {committed_at - s:.6f}" for p, s in outcome.sent
         ]
         self.redis.rpush(key, *lines)
-    _original(self, outcome)
+    _original(self, outcome, *args)
 
 
 if os.environ.get(BENCH_LATENCY_KEY):
-    WorkerRuntime._after_commit = _after_commit_with_latency  # type: ignore[method-assign]
+    WorkerRuntime._after_commit = _after_commit_with_latency  # type: ignore[method-assign,assignment]
