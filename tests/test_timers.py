@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from keyq.activations import ActivationTable
 from keyq.applier import Applier
 from keyq.client import Client
-from keyq.context import NoHandlerContextError, current
-from keyq.entity import EntityRegistry
+from keyq.context import current
+from keyq.entity import Entity, EntityRegistry, handler
 from keyq.envelope import Envelope, TimerRef
-from keyq.errors import HandlerCrashedError, ValidationError
+from keyq.errors import HandlerCrashedError, NoHandlerContextError, ValidationError
 from keyq.repo import Repo, StateWrite, TimerDelete, TimerRow
 from keyq.routing import partition_for
 from keyq.settings import Settings
-from keyq.timers import FireDecision, TimerPoller, decide, fire_message_id
+from keyq.testing import Harness
+from keyq.timers import FireDecision, SharedClock, TimerPoller, decide, fire_message_id
 from tests.conftest import WorkerFactory, poll
 from tests.test_supervisor import ENTITY_MODULES
 
@@ -301,6 +302,138 @@ def test_poller_drains_a_backlog_of_timers_that_are_all_due_at_the_same_instant(
         repo.dispose()
 
 
+# --- one clock: the database's -------------------------------------------------------------
+
+
+class _SkewedTime:
+    """A stand-in for the time module whose wall clock is off by skew_s."""
+
+    def __init__(self, skew_s: float) -> None:
+        self.skew_s = skew_s
+
+    def time(self) -> float:
+        return time.time() + self.skew_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0])
+def test_a_poller_on_a_host_an_hour_off_fires_by_the_database_clock(
+    sup_settings: Settings, skew_s: float
+) -> None:
+    repo = Repo(sup_settings.database_url)
+    try:
+        db_now = repo.clock_ms()
+        assert abs(db_now - time.time() * 1000) < 60_000  # one machine: the clocks agree
+        rows = [
+            TimerRow("ticker", "due", "t", "a" * 32, 0, db_now - 1000, "tick"),
+            TimerRow("ticker", "later", "t", "b" * 32, 0, db_now + 30_000, "tick"),
+        ]
+        repo.commit(0, 1, [], timers=rows)
+        published: list[Envelope] = []
+        poller = TimerPoller(repo, published.extend, clock=_SkewedTime(skew_s).time)
+        assert poller.tick([0]) == 1
+        assert [e.key for e in published] == ["due"]  # not early, not an hour late
+        assert abs(poller.clock.offset_s + skew_s) < 5.0  # it measured the host's skew
+    finally:
+        repo.dispose()
+
+
+def test_a_handler_on_a_host_an_hour_fast_arms_its_timer_on_the_database_clock(
+    sup_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keyq.applier
+
+    applier, repo = _applier(sup_settings)
+    skewed = _SkewedTime(3600.0)
+    monkeypatch.setattr(keyq.applier, "time", skewed)  # the applier's host clock is an hour fast
+    applier.timer_clock = SharedClock(repo.clock_ms, local=skewed.time).now  # as the worker does
+    part = partition_for("c1", sup_settings.partitions)
+    try:
+        before = repo.clock_ms()
+        msg = {"id": "m1", "entity": "ticker", "key": "c1", "op": "once", "partition": part}
+        applier.apply(part, 1, [{**msg, "payload": {"delay_s": 60}}])
+        after = repo.clock_ms()
+        [row] = timers_of(repo, "ticker", "c1").values()
+        assert before + 60_000 - 1000 <= row.due_ms <= after + 60_000 + 1000
+    finally:
+        repo.dispose()
+
+
+def test_shared_clock_without_a_reader_is_the_local_clock_and_rereads_when_stale() -> None:
+    assert SharedClock(local=lambda: 5.0).now() == 5.0  # the harness: its fake clock only
+    reads: list[int] = []
+    local = [100.0]
+
+    def read_ms() -> int:
+        reads.append(1)
+        return 160_000  # the shared clock is 60 s ahead of this host
+
+    clock = SharedClock(read_ms, local=lambda: local[0], max_age_s=10.0)
+    assert clock.now() == 160.0 and len(reads) == 1  # read on first use
+    local[0] = 105.0
+    assert clock.now() == 165.0 and len(reads) == 1  # this host's clock plus the offset
+    local[0] = 120.0
+    assert clock.now() == 160.0 and len(reads) == 2  # too old: read again
+
+
+# --- jitter: periodic timers armed together do not fire in lockstep -------------------------
+
+
+class Pulse(Entity):
+    """`arm {"every", "jitter"}` starts a periodic `beat`; each beat records when it ran."""
+
+    name = "t-pulse"
+    initial_state: ClassVar[dict[str, Any]] = {"beats": []}
+
+    @handler
+    def arm(self, state: dict[str, Any], payload: dict[str, Any]) -> tuple[Any, None]:
+        every = payload["every"]
+        current().schedule(every, "beat", name="p", every_s=every, jitter=payload["jitter"])
+        return state, None
+
+    @handler
+    def beat(self, state: dict[str, Any], payload: Any) -> tuple[Any, None]:
+        return {"beats": [*state["beats"], current().now]}, None
+
+
+def _pulses(n: int, every: float, jitter: float) -> tuple[Harness, float]:
+    h = Harness(Pulse)
+    start = h.clock.now
+    for i in range(n):
+        h.send("t-pulse", f"p{i}", "arm", {"every": every, "jitter": jitter})
+    h.run()  # all armed at the same instant
+    return h, start
+
+
+def test_jitter_spreads_periodic_timers_armed_together_within_the_period() -> None:
+    every, jitter, n = 60.0, 0.2, 1000
+    h, start = _pulses(n, every, jitter)
+    h.advance(every * (1 + jitter) + 1)
+    firsts = [h.state("t-pulse", f"p{i}")["beats"] for i in range(n)]
+    assert all(len(b) == 1 for b in firsts)  # each fired once in its first period
+    offsets = [b[0] - start for b in firsts]
+    assert all(every <= o <= every * (1 + jitter) + 0.01 for o in offsets)  # within the window
+    assert len({round(o, 3) for o in offsets}) > 0.9 * n  # not in lockstep: spread over keys
+    assert max(offsets) - min(offsets) > 0.9 * every * jitter  # across the whole window
+    h.advance(every)
+    for i in range(n):  # and each key then fires every period exactly: the delay is fixed
+        first, second = h.state("t-pulse", f"p{i}")["beats"]
+        assert abs(second - first - every) < 0.01
+    h.send("t-pulse", "p7", "arm", {"every": every, "jitter": jitter})  # armed again later
+    h.run()
+    [row] = h.timers("t-pulse", "p7").values()
+    assert abs((row.due_ms / 1000 - h.clock.now) - offsets[7]) < 0.01  # the same delay again
+
+
+def test_without_jitter_periodic_timers_armed_together_fire_in_lockstep() -> None:
+    h, start = _pulses(200, 60.0, 0.0)
+    h.advance(61)
+    beats = [h.state("t-pulse", f"p{i}")["beats"] for i in range(200)]
+    assert {round(b - start, 3) for bs in beats for b in bs} == {60.0}  # all at once
+
+
 # --- pure functions -----------------------------------------------------------------------
 
 
@@ -344,6 +477,11 @@ def test_context_is_only_available_inside_handlers_and_validates_schedules() -> 
             current().schedule(1, "tick", catch_up="sometimes")
         with pytest.raises(ValidationError):
             current().schedule(1, "tick", payload="x" * 2000)
+        for bad in (-0.1, 1.5, float("nan"), "0.1"):
+            with pytest.raises(ValidationError, match="jitter"):
+                current().schedule(1, "tick", every_s=2, jitter=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="needs every_s"):
+            current().schedule(1, "tick", jitter=0.1)  # one-shot timers are not spread
         current().schedule(1.5, "tick", every_s=2)
     [row] = ctx.changes
     assert isinstance(row, TimerRow) and row.due_ms == 101_500 and row.every_ms == 2000
