@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from keyq import metrics
 from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
 from keyq.context import HandlerContext, TimerFire, running
@@ -486,6 +487,7 @@ class Applier:
                 break
             except _Crash as crash:
                 env, exc, tb = crash.args
+                crashed_at, restarted = time.monotonic(), False
                 if isinstance(exc, Rejected):
                     outcome.rejected += 1
                     failed[env.id] = ("rejected", f"{type(exc).__name__}: {exc}")
@@ -511,6 +513,7 @@ class Applier:
                         exc,
                     )
                     if retry:
+                        restarted = True
                         outcome.restarts += 1
                         outcome.restarts_by_entity[entity_type.name] = (
                             outcome.restarts_by_entity.get(entity_type.name, 0) + 1
@@ -528,6 +531,10 @@ class Applier:
                         )
                 # the handler may have mutated the state before raising: restart from the Repo
                 state = self._reload_state(act, keep_trying)
+                if restarted:  # crash -> backoff -> reloaded: the key is ready again
+                    metrics.key_restart_ready_seconds.labels(entity_type.name).observe(
+                        time.monotonic() - crashed_at
+                    )
 
         now = time.time()
         # never forget an id of this batch: a redelivery of the whole batch must be skipped

@@ -75,6 +75,14 @@ def test_workers_export_per_entity_counters_and_one_process_the_partition_figure
         total(s, "keyq_dead_letters_by_entity_total", entity="flaky") for s in pages
     ) == 1
     assert sum(total(s, "keyq_restarts_total", entity="flaky") for s in pages) >= 1
+    # the crashed key was restarted (backoff, reload): its restart-ready time was observed
+    ready = [
+        exported(s, "keyq_key_restart_ready_seconds_count", entity="flaky")
+        for s in pages
+        if any(n == "keyq_key_restart_ready_seconds_count" and ("entity", "flaky") in ls
+               for n, ls in s)
+    ]
+    assert ready and sum(ready) >= 1
 
     exporter = next(s for s in pages if total(s, "keyq_cluster_exporter") == 1)
     other = next(s for s in pages if s is not exporter)
