@@ -9,7 +9,8 @@ database connection. Here each kind of connection gets explicit limits from Sett
 - Blocking reads (a ``call`` waiting for its reply) never ask the server to block longer than
   ``blocking_slice_s`` (less than the read timeout), and loop until their own deadline, so the
   caller's timeout holds for any length while a hung connection is still found.
-- The broker (kombu) gets the same connect and read timeouts through its transport options.
+- The broker (kombu) gets the same connect and read timeouts through its transport options,
+  and a fetch (BRPOP) left without an answer is given up within about twice the read timeout.
 - The database: a connect timeout, TCP keepalives and ``tcp_user_timeout`` (a dead peer is
   found within seconds), and a statement timeout on PostgreSQL; SQLite waits out a writer's
   lock for the statement timeout. A server that acknowledges but never answers (stopped, hung,
@@ -213,6 +214,10 @@ def broker_transport_options(timeouts: Timeouts, url: str = "") -> dict[str, Any
         "socket_connect_timeout": timeouts.redis_connect_s,
         "socket_timeout": timeouts.redis_read_s,
         "socket_keepalive": True,
+        # a consumer's fetch waits in the event loop, where no socket timeout applies: kombu
+        # drops a BRPOP whose reply is this much overdue, checking this often (its default,
+        # 25 s, left a worker on a hung broker connection for up to 51 s)
+        "health_check_interval": timeouts.redis_read_s,
     }
     if is_sentinel_url(url):
         options["master_name"] = sentinel_options(timeouts).master

@@ -222,3 +222,103 @@ def test_hung_database_connections_are_given_up_and_the_node_serves_on(
     assert served_s < bound, f"served again after {served_s:.1f}s, bound {bound:.1f}s"
     load.wait_complete()
     assert repo.dead_letters() == []
+
+
+def proxied_redis(base: Settings, proxy: TcpProxy) -> Settings:
+    """The same settings with Redis and the broker reached through the proxy."""
+    db = base.redis_url.rsplit("/", 1)[1]
+    url = proxy.url("redis", f"/{db}")
+    return base.with_(redis_url=url, broker_url=url)
+
+
+def redis_limits(settings: Settings) -> Settings:
+    return settings.with_(redis_read_timeout_s=READ_TIMEOUT_S, redis_connect_timeout_s=0.5)
+
+
+def test_hung_redis_connections_are_given_up_and_the_node_serves_on(
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+    redis_proxy: TcpProxy,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Every Redis connection of one node (registry, leases, broker) hangs mid-load; new ones
+    work. Each call on a hung connection fails after the read timeout (1 s) and the node
+    connects anew; a fetch waiting in kombu's event loop (no socket timeout applies there) is
+    dropped by kombu's check (keyq.connections sets its interval to the read timeout). The node
+    applies its partitions' messages again within lease TTL + 5 read timeouts + slack (having
+    kept or re-claimed its leases); nothing is lost, doubled or reordered."""
+    base = redis_limits(settings)
+    node, _, parts = two_nodes(start_worker, redis_client, base, proxied_redis(base, redis_proxy))
+    probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
+    load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
+    try:
+        poll(lambda: load.total() > 200, what="load to build up")
+        assert redis_proxy.hang() > 0, "the node has no Redis connection to hang"
+        hung_at = time.monotonic()
+        # its loop meets each hung connection once (leases, registry, kombu's commands and
+        # fetch), one read timeout each, kombu's fetch check up to two; the lease may lapse
+        bound = base.lease_ttl_s + 5 * READ_TIMEOUT_S + SLACK_S
+        served_s = probe(client, probe_key, hung_at, bound + 20.0, by_pid=node.pid)
+        more = load.total() + 300
+        poll(lambda: load.total() > more, what="more load after the hang")
+    finally:
+        load.finish()
+    record_property("served_again_seconds", round(served_s, 3))
+    print(f"hung Redis connections: the node served again after {served_s:.3f}s", file=sys.stderr)
+    assert served_s < bound, f"served again after {served_s:.1f}s, bound {bound:.1f}s"
+    load.wait_complete()
+
+
+def test_a_node_cut_off_from_redis_gives_up_its_leases_and_rejoins(
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+    redis_proxy: TcpProxy,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The proxy stops relaying anything to one node's Redis, new connections too (its Redis
+    hangs, its database still answers). The node cannot renew its leases: the other node
+    serves its partitions within lease TTL + slack, while the hung node notices (its heartbeat
+    fails) within its read timeout + slack and applies nothing more. When the proxy relays
+    again the node comes back and serves its partitions; every key's history is complete, in
+    send order, each message once."""
+    base = redis_limits(settings)
+    node, survivor, parts = two_nodes(
+        start_worker, redis_client, base, proxied_redis(base, redis_proxy)
+    )
+    probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
+    load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
+    try:
+        poll(lambda: load.total() > 200, what="load to build up")
+        redis_proxy.freeze()
+        frozen_wall, frozen_at = time.time(), time.monotonic()
+        takeover_bound = base.lease_ttl_s + SLACK_S
+        takeover_s = probe(client, probe_key, frozen_at, takeover_bound + 20, survivor.pid)
+        time.sleep(2 * READ_TIMEOUT_S)  # the hung node's calls time out meanwhile
+        hung_logs = {k: load.log(k) for k in load.keys}  # what was applied while it hung
+        noticed = first_line_after(node.log(), "keyq heartbeat failed", frozen_wall)
+        redis_proxy.thaw()
+        thawed_at = time.monotonic()
+        back_bound = READ_TIMEOUT_S + base.lease_ttl_s + SLACK_S
+        back_s = probe(client, probe_key, thawed_at, back_bound + 20, node.pid)
+        more = load.total() + 300
+        poll(lambda: load.total() > more, what="more load after the thaw")
+    finally:
+        load.finish()
+    for name, value in (("takeover", takeover_s), ("back", back_s)):
+        record_property(f"{name}_seconds", round(value, 3))
+    print(f"Redis cut off: served by the other node after {takeover_s:.3f}s, the node noticed "
+          f"after {(noticed or 0) - frozen_wall:.3f}s, served again by it {back_s:.3f}s after "
+          f"the thaw", file=sys.stderr)
+    assert takeover_s < takeover_bound, f"taken over after {takeover_s:.1f}s"
+    assert noticed is not None, "the hung node never noticed it lost Redis"
+    assert noticed - frozen_wall < READ_TIMEOUT_S + SLACK_S, "the hung node noticed late"
+    # fencing while it hung: on every key, nothing of the hung node's after the survivor's
+    for key, log in hung_logs.items():
+        runs = owner_runs(log)
+        assert runs in ([], [node.pid], [survivor.pid], [node.pid, survivor.pid]), (key, runs)
+    assert back_s < back_bound, f"the node served again {back_s:.1f}s after the thaw"
+    load.wait_complete()
