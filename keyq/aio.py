@@ -26,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from keyq import metrics
 from keyq import reply as replies
 from keyq.cache import member
 from keyq.celery_app import make_app
+from keyq.connections import is_sentinel_url, parse_sentinel_url, sentinel_kwargs
 from keyq.entity import JSON, EntityRegistry
 from keyq.envelope import Envelope, check_key, producer_envelope
 from keyq.errors import (
@@ -57,19 +60,38 @@ ASYNC_CLIENT_NAME = "keyq-aio"  # the name of every connection an AsyncClient op
 DEFAULT_MAX_CONNECTIONS = 16  # publishes in flight share these; more callers wait their turn
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A pool of connections to the Sentinel primary that waits for a free connection."""
+
+
 def _async_redis(url: str, settings: Settings, max_connections: int = 1) -> aioredis.Redis:
     """A client whose pool never grows past max_connections: 1,000 concurrent sends wait for
-    a free connection instead of opening 1,000."""
+    a free connection instead of opening 1,000. A sentinel:// URL gives a client of the
+    current primary (each new connection asks the sentinels)."""
     timeouts = settings.timeouts
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=max(timeouts.redis_read_s, settings.call_timeout_s),
-        socket_connect_timeout=timeouts.redis_connect_s,
-        socket_timeout=timeouts.redis_read_s,
-        socket_keepalive=True,
-        client_name=ASYNC_CLIENT_NAME,  # `CLIENT LIST` tells an operator whose they are
-    )
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": max(timeouts.redis_read_s, settings.call_timeout_s),
+        "socket_connect_timeout": timeouts.redis_connect_s,
+        "socket_timeout": timeouts.redis_read_s,
+        "socket_keepalive": True,
+        "client_name": ASYNC_CLIENT_NAME,  # `CLIENT LIST` tells an operator whose they are
+    }
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=sentinel_kwargs(timeouts)
+        )
+        if target.username:
+            options["username"] = target.username
+        if target.password is not None:
+            options["password"] = target.password
+        master = settings.sentinel_master
+        pool: aioredis.ConnectionPool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
+            master, sentinel, db=target.db, is_master=True, **options
+        )
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
     client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closing it closes the pool
     return client
 

@@ -248,6 +248,9 @@ class Publisher:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self.broker.connection_pool.make_connection()
+            # connect() before the first write: a Sentinel connection asks the sentinels for
+            # the primary there (writing first would connect to its default, localhost:6379)
+            conn.connect()  # type: ignore[no-untyped-call]
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -290,9 +293,14 @@ class Publisher:
         return pushed
 
     def _drop_connection(self) -> None:
+        """Close this thread's connection; the next push opens (and connects) a new one."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.disconnect()
+            self._local.conn = None
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
 
     def close(self) -> None:
         with self._lock:
