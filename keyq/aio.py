@@ -137,8 +137,12 @@ class _ReplyListener:
 
     async def _run(self) -> None:
         try:
-            while self._waiting:
-                keys = list(self._waiting)
+            while True:
+                # answered calls are out at once: a BLPOP on their key would take what comes
+                # next there (an idempotent call puts its reply back for a retry)
+                keys = [k for k, f in self._waiting.items() if not f.done()]
+                if not keys:
+                    break
                 self._blocked_on = frozenset(keys)
                 self._nudged = False
                 got = await self._conn.blpop([*keys, self._wake], timeout=self._slice_s)
@@ -380,6 +384,14 @@ class AsyncClient:
                 f"no reply from {entity}/{key} {op} within {timeout:g}s "
                 f"(message {env.id} may still be applied)"
             )
+        if idempotency_key is not None:  # as Client.call: a retry gets this same reply
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.lpush(reply_key, got)
+                pipe.pexpire(reply_key, replies.REPLY_TTL_MS)
+                await pipe.execute()
+            except (redis.RedisError, OSError):
+                pass  # the caller has its reply; a retry is told "already applied"
         return replies.decode(got, entity=entity, key=key, op=op, message_id=env.id)
 
     async def read(self, entity: str, key: str) -> JSON:

@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, CACHE_SWEEP_TASK, DISPATCH_TASK, RECONCILE_TASK
-from keyq.scripts import register
+from keyq.scripts import register, register_composed
 from keyq.settings import Settings
 
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivered-but-unacked messages (hash) ...
@@ -229,6 +229,16 @@ def redelivered(raw: bytes | str, bump: bool = True, reroute: bool = False) -> b
 Lease = tuple[str, str]  # (lease key, "owner|token"): guards every move of a partition's messages
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """What the first step of a batch took (Mailbox.claim_batch), in one round trip."""
+
+    status: int  # as Mailbox.claim: 1 claimed, 0 returned to the queue head, -1 restored
+    drained: list[bytes]  # more of the queue, behind the claimed message
+    poison: list[bytes]  # what the fetch could not read, to be dead-lettered with the batch
+    waiting: dict[int, int]  # other held partitions whose queues hold messages: their lengths
+
+
 class Mailbox:
     """The broker conversation of one worker process about its partitions."""
 
@@ -240,6 +250,7 @@ class Mailbox:
         self._nonempty = register(broker, "nonempty")
         self._restore = register(broker, "restore")
         self._compare_delete = register(broker, "compare_delete")
+        self._claim_batch = register_composed(broker, "claim_batch", "claim", "drain", "nonempty")
 
     def queue(self, partition: int) -> str:
         return self.settings.queue_name(partition)
@@ -269,6 +280,44 @@ class Mailbox:
             )
         )
 
+    def claim_batch(
+        self,
+        partition: int,
+        lease: Lease,
+        message: dict[str, Any],
+        room: int,
+        poison_room: int,
+        others: Sequence[int],
+    ) -> Claimed:
+        """claim, then (if claimed) drain up to `room` more (0: the message is applied alone),
+        take up to `poison_room` of the poison list and ask which of `others` wait: the four
+        steps of a batch's start in one script, one round trip. A queue longer than one drain
+        step is drained on by ``drain``."""
+        tag = str((message.get("properties") or {}).get("delivery_tag", ""))
+        raw = json.dumps(message).encode("utf-8")
+        queue = self.queue(partition)
+        reply = self._claim_batch(
+            keys=[
+                lease[0],
+                self.inflight_key(partition),
+                KOMBU_UNACKED,
+                KOMBU_UNACKED_INDEX,
+                queue,
+                poison_key(queue),
+                *(self.queue(p) for p in others),
+            ],
+            args=[lease[1], tag, raw, redelivered(raw, bump=False), min(room, DRAIN_STEP),
+                  poison_room],
+        )
+        status = int(reply[0])
+        if status != 1:
+            return Claimed(status, [], [], {})
+        _, drained, poison, found = reply
+        waiting = {
+            others[int(i) - 1]: int(n) for i, n in zip(found[::2], found[1::2], strict=True)
+        }
+        return Claimed(1, [_b(m) for m in drained], [_b(m) for m in poison], waiting)
+
     def drain(self, partition: int, lease: Lease, room: int) -> list[bytes] | None:
         """Move up to room more messages from the queue head into the in-flight list, stopping
         before a redelivered one (it is applied alone). None: the lease is not ours."""
@@ -286,20 +335,16 @@ class Mailbox:
                 break
         return out
 
-    def waiting(self, partitions: Sequence[int]) -> dict[int, int]:
-        """Queue lengths of those of the partitions that have messages (one round trip)."""
-        if not partitions:
-            return {}
-        found = self._nonempty(keys=[self.queue(p) for p in partitions])
-        return {
-            partitions[int(i) - 1]: int(n) for i, n in zip(found[::2], found[1::2], strict=True)
-        }
-
-    def settle(self, partition: int, lease: Lease) -> bool:
-        """The batch is committed: forget its in-flight messages (only under our lease)."""
-        return bool(
-            self._compare_delete(keys=[lease[0], self.inflight_key(partition)], args=[lease[1]])
-        )
+    def settle(
+        self, partition: int, lease: Lease, pipe: redis.client.Pipeline | None = None
+    ) -> bool:
+        """The batch is committed: forget its in-flight messages (only under our lease). With
+        a pipeline (of the broker's client) it is queued there: True, the reply comes later."""
+        keys, args = [lease[0], self.inflight_key(partition)], [lease[1]]
+        if pipe is not None:
+            self._compare_delete(keys=keys, args=args, client=pipe)
+            return True
+        return bool(self._compare_delete(keys=keys, args=args))
 
     def requeue(self, partition: int, lease: Lease, *, bump: bool = True) -> int:
         """The batch failed: its in-flight messages back at the queue head in order, each with

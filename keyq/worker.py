@@ -30,8 +30,10 @@ from keyq.envelope import Envelope
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
+    DRAIN_STEP,
     PARTITION_TASKS,
     REROUTED_HEADER,
+    Claimed,
     Delivery,
     Lease,
     Mailbox,
@@ -209,8 +211,15 @@ class WorkerRuntime(OwnershipHooks):
             return
         token = self.ownership.token(partition)
         lease = self.lease(partition, token)
+        raw = json.dumps(message).encode("utf-8")
+        trigger = decode_document(message, raw, PARTITION_TASKS, DISPATCH_TASK)
+        alone = trigger.deliveries > 0  # redelivered: applied alone, so poison stays alone
+        others = {} if alone else {p: t for p, t in self.ownership.held().items() if p != partition}
+        room = 0 if alone else max(0, self.settings.batch_max - len(trigger.envelopes))
         try:
-            claimed = self.mailbox.claim(partition, lease, message)
+            claimed = self.mailbox.claim_batch(
+                partition, lease, message, room, POISON_PER_BATCH, list(others)
+            )
         except Exception as e:  # Redis down: the unacked record stays for a restore
             log.error(
                 "keyq could not claim a message partition=%s node=%s error=%s", partition,
@@ -219,10 +228,10 @@ class WorkerRuntime(OwnershipHooks):
             if token is not None:
                 self._lost_here(partition, token)
             return
-        if claimed != 1:
+        if claimed.status != 1:
             if token is not None:  # the lease changed under us: the new owner restores
                 self._lost_here(partition, token)
-            if claimed == 0:
+            if claimed.status == 0:
                 log.info(
                     "keyq returned a message to the head of %s (not owned here) node=%s",
                     queue,
@@ -233,9 +242,11 @@ class WorkerRuntime(OwnershipHooks):
         batch = _Batch()
         batch.leases[partition] = lease
         batch.tokens[partition] = token
+        if alone:
+            batch.alone = trigger
         self._progress()
         try:
-            self._run(partition, message, batch)
+            self._run(partition, trigger, claimed, room, others, batch)
         except RepoDataError as e:
             if batch.alone is None or not self._dead_letter_alone(partition, batch, e):
                 self._abandon(batch, e)
@@ -266,28 +277,28 @@ class WorkerRuntime(OwnershipHooks):
             return None
         return f"no progress for {quiet:.1f}s (limit {self.watchdog_limit_s:g}s)"
 
-    def _run(self, partition: int, message: dict[str, Any], batch: _Batch) -> None:
-        raw = json.dumps(message).encode("utf-8")
-        trigger = decode_document(message, raw, PARTITION_TASKS, DISPATCH_TASK)
-        alone = trigger.deliveries > 0  # redelivered: applied alone, so poison stays alone
-        if alone:
-            batch.alone = trigger
+    def _run(
+        self,
+        partition: int,
+        trigger: Delivery,
+        claimed: Claimed,
+        room: int,
+        others: dict[int, int],
+        batch: _Batch,
+    ) -> None:
+        """The batch after its first step (Mailbox.claim_batch): what it took, then more of a
+        long queue, then what waits on the other partitions held here; one commit."""
         self._take(partition, [trigger], batch)
-        room = self.settings.batch_max - len(batch.raws[partition])
-        if not alone and room > 0:
-            more = self.mailbox.drain(partition, batch.leases[partition], room)
+        self._take(partition, [self._decode(m) for m in claimed.drained], batch)
+        if room > len(claimed.drained) == DRAIN_STEP:  # a long queue: drain on
+            more = self.mailbox.drain(partition, batch.leases[partition], room - DRAIN_STEP)
             if more is None:
                 self._lost_here(partition, batch.tokens[partition])
                 return
             self._take(partition, [self._decode(m) for m in more], batch)
-        poison = self.mailbox.take_poison(partition, batch.leases[partition], POISON_PER_BATCH)
-        if poison is None:
-            self._lost_here(partition, batch.tokens[partition])
-            return
-        if poison:
-            self._take(partition, [self._decode(m) for m in poison], batch)
-        if not alone:
-            self._drain_others(partition, batch)
+        self._take(partition, [self._decode(m) for m in claimed.poison], batch)
+        if others:
+            self._drain_others(batch, claimed.waiting, others)
         self._commit(batch)
 
     def _decode(self, raw: bytes) -> Delivery:
@@ -324,19 +335,17 @@ class WorkerRuntime(OwnershipHooks):
                         str(e.get("id")) for e in d.envelopes if isinstance(e, dict)
                     )
 
-    def _drain_others(self, partition: int, batch: _Batch) -> None:
+    def _drain_others(
+        self, batch: _Batch, waiting: dict[int, int], held: dict[int, int]
+    ) -> None:
         """Cross-partition group commit: with room left in the batch, also take what waits in
         the other partitions this node holds (each into its own in-flight list, lease checked),
         so a light load spread over many partitions costs one commit, not one per partition."""
         room = self.settings.batch_max - sum(len(r) for r in batch.raws.values())
-        held = [(p, t) for p, t in self.ownership.held().items() if p != partition]
-        if room <= 0 or not held:
-            return
-        tokens = dict(held)
-        for p, n in self.mailbox.waiting([p for p, _ in held]).items():
+        for p, n in waiting.items():
             if room <= 0:
                 break
-            token = tokens[p]
+            token = held[p]
             if self.ownership.token(p) != token:
                 continue
             lease = self.lease(p, token)
@@ -377,8 +386,11 @@ class WorkerRuntime(OwnershipHooks):
             self._put_back(batch, bump=False)
             return
         metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._after_commit(outcome, batch.leases)
-        for p in parts:
+        # one broker: the in-flight lists are settled in the post-commit pipeline, after the
+        # replies (one round trip for all of it); else on their own, after it
+        together = self.broker is self.redis
+        self._after_commit(outcome, batch.leases, settle=parts if together else ())
+        for p in [] if together else parts:
             try:
                 self.mailbox.settle(p, batch.leases[p])
             except Exception as e:  # committed: a restore would only bring back duplicates
@@ -496,7 +508,9 @@ class WorkerRuntime(OwnershipHooks):
         for p, names in by_partition.items():
             self.names.register_many(pipe, leases[p], names, self.node_id)
 
-    def _after_commit(self, outcome: BatchOutcome, leases: dict[int, Lease]) -> None:
+    def _after_commit(
+        self, outcome: BatchOutcome, leases: dict[int, Lease], settle: Sequence[int] = ()
+    ) -> None:
         """Cache, replies, registry and re-routes of a committed batch. None of it may undo the
         commit: a failure here is logged (the reconciler heals the cache; a caller times out)."""
         try:
@@ -523,12 +537,19 @@ class WorkerRuntime(OwnershipHooks):
             # a key evicted and activated again within this batch keeps its name
             gone = [a.id for a in outcome.evicted if a.id not in self.activations]
             self.names.release_many(pipe, gone, self.node_id)
+            for p in settle:
+                self.mailbox.settle(p, leases[p], pipe=pipe)
             pipe.execute()
         except Exception as e:
             # the state is committed; the reconciler repairs the cache, callers time out
             log.error(
                 "keyq post-commit Redis writes failed partition=%s: %s", outcome.partition, e
             )
+            for p in settle:  # on their own, then: committed messages must not stay in flight
+                try:
+                    self.mailbox.settle(p, leases[p])
+                except Exception as e2:  # a restore would only bring back duplicates
+                    log.error("keyq could not clear in-flight list partition=%s: %s", p, e2)
 
     def _count(self, outcome: BatchOutcome) -> None:
         from keyq import outcome_metrics

@@ -211,12 +211,15 @@ def start_worker(
         wait: bool = True,
         env: dict[str, str] | None = None,
         settings_override: Settings | None = None,
+        hostname: str | None = None,
     ) -> WorkerProcess:
         s = settings_override or settings
         log_path = tmp_path / f"worker-{len(started)}.log"
         args = [sys.executable, "-m", "keyq", "worker", "--loglevel", "info"]
         if partitions:
             args += ["--partitions", partitions]
+        if hostname:
+            args += ["--hostname", hostname]
         full_env = settings_env(s)
         full_env.update(env or {})
         with log_path.open("wb") as log_file:

@@ -40,12 +40,12 @@ def _exit_after_commit(n: int) -> None:
     original = WorkerRuntime._after_commit
     left = {"n": n}
 
-    def after_commit(self: WorkerRuntime, outcome: BatchOutcome, *args: Any) -> None:
+    def after_commit(self: WorkerRuntime, outcome: BatchOutcome, *args: Any, **kw: Any) -> None:
         if outcome.applied:
             left["n"] -= 1
             if left["n"] == 0:
                 os._exit(137)
-        original(self, outcome, *args)
+        original(self, outcome, *args, **kw)
 
     WorkerRuntime._after_commit = after_commit  # type: ignore[method-assign]
 

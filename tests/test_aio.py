@@ -13,7 +13,14 @@ import redis
 
 from keyq.aio import ASYNC_CLIENT_NAME, DEFAULT_MAX_CONNECTIONS, AsyncClient
 from keyq.client import Client
-from keyq.errors import CallTimeoutError, InvalidKeyError, Rejected, UnknownEntityError
+from keyq.envelope import idempotent_message_id
+from keyq.errors import (
+    AlreadyAppliedError,
+    CallTimeoutError,
+    InvalidKeyError,
+    Rejected,
+    UnknownEntityError,
+)
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory
 
@@ -109,3 +116,26 @@ def test_a_thousand_concurrent_calls_share_one_reply_listener(
     assert state == {"value": 10}
     assert where.active
     assert len(set(ids)) == 1  # one idempotency key: one message id
+
+
+@pytest.mark.integration
+def test_a_retried_async_call_gets_the_first_reply_or_learns_it_was_applied(
+    start_worker: WorkerFactory, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """As Client.call: a call retried with its idempotency key gets the first reply; once that
+    reply is gone, AlreadyAppliedError; the state changed once."""
+    start_worker()
+
+    async def go() -> tuple[Any, Any, Any]:
+        async with AsyncClient(settings) as aio:
+            first = await aio.call("counter", "r", "add", {"by": 3}, idempotency_key="q-1")
+            again = await aio.call("counter", "r", "add", {"by": 3}, idempotency_key="q-1")
+            message_id = idempotent_message_id("counter", "r", "q-1")
+            redis_client.delete(settings.redis_key("reply", message_id))  # as if it expired
+            with pytest.raises(AlreadyAppliedError):
+                await aio.call("counter", "r", "add", {"by": 3}, idempotency_key="q-1")
+            return first, again, await aio.read("counter", "r")
+
+    first, again, state = asyncio.run(go())
+    assert first == again == 3
+    assert state == {"value": 3}

@@ -24,10 +24,8 @@ ROUNDS = 12
 # (where, on which call): every Redis call of a batch, the parse, the handler step, the commit,
 # each post-commit write
 FAULT_POINTS = [
-    "Mailbox.claim=3",
+    "Mailbox.claim_batch=3",
     "Mailbox.drain=2",
-    "Mailbox.waiting=2",
-    "Mailbox.take_poison=1",
     "Mailbox.settle=2",
     "Applier._parse=2",
     "Applier._run_key=5",

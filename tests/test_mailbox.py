@@ -21,6 +21,7 @@ from keyq.mailbox import (
     Mailbox,
     decode,
     partition_of_queue,
+    poison_key,
     redelivered,
 )
 from keyq.settings import Settings
@@ -194,6 +195,42 @@ def test_drain_stops_before_a_redelivered_message(
     ]
     assert redis_client.llen(q) == 2  # the redelivered one waits at the head, to go alone
     assert mailbox.drain(1, (lease[0], "someone-else|9"), 10) is None
+
+
+def test_claim_batch_claims_drains_takes_poison_and_finds_waiting_queues_in_one_step(
+    redis_client: redis.Redis, mailbox: Mailbox
+) -> None:
+    """The batch's first round trip: the delivered message claimed, its queue drained up to a
+    redelivered one, its poison list taken, the other held queues that wait reported."""
+    q = mailbox.queue(1)
+    for i, extra in enumerate([{}, {}, {DELIVERIES_HEADER: 1}]):
+        redis_client.lpush(q, raw(celery_message([{"id": str(i)}], f"t{i}", **extra)))
+    redis_client.lpush(poison_key(q), b"not json")
+    redis_client.lpush(mailbox.queue(3), b"x", b"y")
+    msg = celery_message([{"id": "a"}], "tag-a")
+    _record_unacked(redis_client, msg, q, 1.0)
+    lease = _lease(redis_client, mailbox, 1, "me|1")
+    got = mailbox.claim_batch(1, lease, msg, 10, 5, [0, 2, 3])
+    assert got.status == 1
+    assert [decode(m, TASKS, DISPATCH_TASK).envelopes for m in got.drained] == [
+        ({"id": "0"},),
+        ({"id": "1"},),
+    ]
+    assert got.poison == [b"not json"] and got.waiting == {3: 2}
+    inflight = redis_client.lrange(mailbox.inflight_key(1), 0, -1)
+    assert [json.loads(inflight[0]), *inflight[1:]] == [msg, *got.drained, b"not json"]
+    assert redis_client.llen(q) == 1  # the redelivered one waits at the head, to go alone
+    assert redis_client.hlen(KOMBU_UNACKED) == 0
+    # alone (room 0): nothing drained; not our lease: back to the head, nothing taken
+    msg2 = celery_message([{"id": "b"}], "tag-b")
+    _record_unacked(redis_client, msg2, q, 2.0)
+    assert mailbox.claim_batch(1, lease, msg2, 0, 5, []).drained == []
+    msg3 = celery_message([{"id": "c"}], "tag-c")
+    _record_unacked(redis_client, msg3, q, 3.0)
+    redis_client.lpush(poison_key(q), b"more poison")
+    stale = mailbox.claim_batch(1, (lease[0], "old|0"), msg3, 10, 5, [3])
+    assert (stale.status, stale.drained, stale.poison, stale.waiting) == (0, [], [], {})
+    assert redis_client.llen(poison_key(q)) == 1
 
 
 def test_requeue_puts_the_batch_back_in_order_with_counts_up(

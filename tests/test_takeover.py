@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from keyq.client import Client
+from keyq.cluster import assignment
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
@@ -83,8 +84,14 @@ def test_kill_under_load_loses_nothing_and_keeps_every_key_in_order(
     redis_client: redis.Redis,
     record_property: Callable[[str, object], None],
 ) -> None:
-    victim = start_worker()
-    survivor = start_worker()
+    # names that rendezvous gives partitions each (two random ones leave one idle, 1 in 128)
+    names = next(
+        pair
+        for pair in ((f"victim-{i}", f"survivor-{i}") for i in range(100))
+        if all(assignment(settings.partitions, list(pair)).values())
+    )
+    victim = start_worker(hostname=names[0])
+    survivor = start_worker(hostname=names[1])
     victim_node = victim.node_id(redis_client, settings)
     survivor_node = survivor.node_id(redis_client, settings)
     poll(

@@ -12,7 +12,7 @@ from keyq import Entity, Reject, handler
 from keyq.client import Client
 from keyq.context import current
 from keyq.errors import (
-    CallTimeoutError,
+    AlreadyAppliedError,
     HandlerCrashedError,
     HandlerError,
     Rejected,
@@ -221,7 +221,7 @@ def test_a_redelivery_after_takeover_of_a_committed_batch_is_skipped() -> None:
     h = Harness(Wallet)
     h.send("wallet", "w", "deposit", {"amount": 5})
     h.crash_next_commit(after=True)  # committed, then killed before the ack and the reply
-    with pytest.raises(CallTimeoutError):
+    with pytest.raises(AlreadyAppliedError):  # the redelivery's answer, not a timeout
         h.call("wallet", "w", "deposit", {"amount": 7})
     assert h.state("wallet", "w") == {"balance": 12}  # applied once, not twice
     assert h.stats.duplicates == 2

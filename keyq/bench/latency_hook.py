@@ -20,7 +20,9 @@ HOOK_MODULE = __name__
 _original = WorkerRuntime._after_commit
 
 
-def _after_commit_with_latency(self: WorkerRuntime, outcome: BatchOutcome, *args: Any) -> None:
+def _after_commit_with_latency(
+    self: WorkerRuntime, outcome: BatchOutcome, *args: Any, **kw: Any
+) -> None:
     key = os.environ.get(BENCH_LATENCY_KEY)
     if key and outcome.sent:
         committed_at = time.time()
@@ -28,7 +30,7 @@ def _after_commit_with_latency(self: WorkerRuntime, outcome: BatchOutcome, *args
             f"{p} {committed_at:.6f} {committed_at - s:.6f}" for p, s in outcome.sent
         ]
         self.redis.rpush(key, *lines)
-    _original(self, outcome, *args)
+    _original(self, outcome, *args, **kw)
 
 
 if os.environ.get(BENCH_LATENCY_KEY):
