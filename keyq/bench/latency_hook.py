@@ -34,4 +34,4 @@ def _after_commit_with_latency(
 
 
 if os.environ.get(BENCH_LATENCY_KEY):
-    WorkerRuntime._after_commit = _after_commit_with_latency  # type: ignore[method-assign,assignment]
+    WorkerRuntime._after_commit = _after_commit_with_latency  # type: ignore[method-assign]
