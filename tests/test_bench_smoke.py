@@ -59,6 +59,12 @@ REQUIRED_KEYS = (
     "worker_us_per_msg",
     # issue 12: the task events' throughput cost
     "events_cost",
+    # issue 11 item 6: takeover idle and under load; issue 13 item 4: plain-Celery publishes
+    "takeover_idle_ms",
+    "takeover_load_ms",
+    "takeover_idle",
+    "takeover_load",
+    "plain_celery_dispatch",
 )
 VERSION_KEYS = (
     "python",
@@ -91,12 +97,21 @@ MEASURED_IN_SMOKE = (
     "celery_call_p50_ms",
     "celery_call_p99_ms",
     "call_ratio_p95",
+    "takeover_idle_ms",
+    "takeover_load_ms",
 )
 SWEEP_POINT_FIGURES = ("asked", "achieved", "p50", "p95")  # each dispatch_sweep point's numbers
 # send drains with Flower's task events off, on (default rate) and on for every message
 EVENTS_COST_FIGURES = (
-    "off_msgs_per_s", "on_msgs_per_s", "ratio", "all_msgs_per_s", "all_ratio", "on_rate_setting"
+    "off_msgs_per_s",
+    "on_msgs_per_s",
+    "ratio",
+    "all_msgs_per_s",
+    "all_ratio",
+    "on_rate_setting",
 )
+# send to applied on idle workers, keyq's Client.send against plain Celery's send_task
+PLAIN_CELERY_FIGURES = ("client_p50_ms", "client_p95_ms", "celery_p50_ms", "celery_p95_ms")
 
 
 def measured(value: object) -> bool:
@@ -151,6 +166,15 @@ def test_bench_smoke_run_reports_every_figure_and_cleans_up(
     assert doc["rss_mb_1m"] is None  # only the full run measures memory
     assert doc["exactly_once_verified"] is True
     assert doc["takeover"]["all_applied"] is True
+    for name in ("takeover_idle", "takeover_load"):
+        assert doc[name]["all_applied"] is True, doc[name]
+        assert doc[f"{name}_ms"] > 0 and doc[name]["victim_partitions"] > 0, doc[name]
+    assert doc["takeover_idle"]["load_rate_achieved"] == 0
+    assert measured(doc["takeover_load"]["load_rate_achieved"])
+    assert doc["takeover_load"]["load_rate_achieved"] > 0
+    plain = doc["plain_celery_dispatch"]
+    assert all(measured(plain.get(k)) and plain[k] > 0 for k in PLAIN_CELERY_FIGURES), plain
+    assert "plain Celery send_task" in proc.stdout
     assert png.stat().st_size > 1000
     assert "plain Celery no-op tasks" in proc.stdout
 

@@ -7,8 +7,10 @@ workers' CPU per message, send-to-applied latency at half of keyq's peak and at 
 offered by enough producer processes (a point whose producers fell behind is flagged), call
 round trips against Celery's apply_async().get() taking turns, the cache hit ratio of Zipf
 reads, the throughput cost of the task events Flower reads (send drains with them off, on as
-deployed, and on for every message), takeover after kill -9 and (full mode) one worker's
-memory over 10k, 100k and 1M keys.
+deployed, and on for every message), the send-to-applied latency on idle workers of messages
+published by plain Celery's send_task against keyq's Client, takeover after kill -9 (idle, at
+200 msg/s, and under a load of 1,000-1,500 msg/s) and (full mode) one worker's memory over 10k,
+100k and 1M keys.
 It creates its own PostgreSQL database and Redis namespace and removes both at the end.
 """
 
@@ -38,6 +40,7 @@ DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MEMORY_CHECKPOINTS = (10_000, 100_000, 1_000_000)
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP_QUICK = (200.0, 1000.0, 5000.0)  # paced rates (msg/s) of a --quick run
+TAKEOVER_RATE = 200.0  # msg/s of load during the takeover reported as `takeover_ms`
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,44 @@ class Mode:
     sweep: tuple[float, ...]  # further paced rates (msg/s): the latency curve below half peak
     producer_messages: int  # sends per loop of the same-thread producer comparison
     events_messages: int  # adds per send drain of the task events' cost (three drains)
+    takeover_load_rate: float  # msg/s offered by a sender process during the loaded takeover
+    plain_celery_messages: int  # per producer: idle-worker dispatch, plain Celery vs Client
 
 
 MODES = {
     "smoke": Mode(
-        "smoke", 300, 2_000, 100, 1.0, 20, 300, 1, True, False, (1000.0, 2000.0), 300, 300
+        "smoke",
+        300,
+        2_000,
+        100,
+        1.0,
+        20,
+        300,
+        1,
+        True,
+        False,
+        (1000.0, 2000.0),
+        300,
+        300,
+        takeover_load_rate=1000.0,
+        plain_celery_messages=10,
     ),
     "quick": Mode(
-        "quick", 10_000, 50_000, 1_000, 3.0, 300, 5_000, 1, True, False, SWEEP_QUICK, 5_000,
+        "quick",
         10_000,
+        50_000,
+        1_000,
+        3.0,
+        300,
+        5_000,
+        1,
+        True,
+        False,
+        SWEEP_QUICK,
+        5_000,
+        10_000,
+        takeover_load_rate=1500.0,
+        plain_celery_messages=80,
     ),
     "full": Mode(
         "full",
@@ -81,6 +113,8 @@ MODES = {
         (50.0, 100.0, 200.0, 400.0, 1000.0, 2000.0, 5000.0),
         20_000,
         30_000,
+        takeover_load_rate=1500.0,
+        plain_celery_messages=200,
     ),
 }
 
@@ -214,6 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             swept = bench.dispatch_latency(point, mode.latency_s, mode.keys)
             swept.pop("latencies_s")
             doc["dispatch_sweep"].append(swept)
+        mark("idle-worker dispatch: plain Celery send_task vs Client.send")
+        plain = bench.plain_celery_dispatch(mode.plain_celery_messages, mode.keys)
+        doc["plain_celery_dispatch"] = plain
         probe = latency_summary_ms(bench.pg_commit_probe(mode.calls))
         doc["pg_commit_p50_ms"], doc["pg_commit_p95_ms"] = probe["p50"], probe["p95"]
         bar.update()
@@ -240,12 +277,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["cache_hit_ratio"] = cache["ratio"]
         bar.update()
 
-        doc["takeover_ms"] = None
+        doc["takeover_ms"] = doc["takeover_idle_ms"] = doc["takeover_load_ms"] = None
         if mode.takeover:
-            mark("takeover after kill -9")
-            takeover = bench.takeover(load_rate=200.0, keys=mode.keys)
+            # one pair of workers throughout: each measure keeps the survivor of the last
+            mark("takeover after kill -9, idle")
+            idle = bench.takeover(load_rate=0.0, keys=mode.keys)
+            doc["takeover_idle"] = idle
+            doc["takeover_idle_ms"] = idle["takeover_ms"]
+            mark(f"takeover after kill -9 at {TAKEOVER_RATE:,.0f} msg/s")
+            takeover = bench.takeover(load_rate=TAKEOVER_RATE, keys=mode.keys)
             doc["takeover"] = takeover
             doc["takeover_ms"] = takeover["takeover_ms"]
+            mark(f"takeover after kill -9 under load, {mode.takeover_load_rate:,.0f} msg/s")
+            loaded = bench.takeover(load_rate=mode.takeover_load_rate, keys=mode.keys)
+            doc["takeover_load"] = loaded
+            doc["takeover_load_ms"] = loaded["takeover_ms"]
+            doc["takeover_load_rate_msgs_per_s"] = loaded["load_rate_achieved"]
         bar.update()
 
         doc["rss_mb_10k"] = doc["rss_mb_100k"] = doc["rss_mb_1m"] = None

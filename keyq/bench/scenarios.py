@@ -8,19 +8,21 @@ does not compete with the workers for the two cores. keyq workers report each ap
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import sqlalchemy as sa
+from celery import Celery
 from tqdm import tqdm
 
 from keyq.bench.celery_noop import ECHO_TASK, NOOP_TASK, make_noop_app
 from keyq.bench.cpu import CpuWindow, cpu_seconds
 from keyq.bench.dispatch import dispatch_latency
 from keyq.bench.infra import BenchServers
+from keyq.bench.load import BackgroundLoad
+from keyq.bench.plain_celery import idle_dispatch
 from keyq.bench.procs import (
     Proc,
     latency_key,
@@ -32,7 +34,7 @@ from keyq.bench.procs import (
     wait_for,
 )
 from keyq.bench.producer import measure_producers
-from keyq.bench.stats import ZipfSampler, parse_samples
+from keyq.bench.stats import ZipfSampler, parse_samples, percentile
 from keyq.bench.workload import ENTITY, OP, bench_key
 from keyq.client import Client
 from keyq.cluster import Leases, assignment
@@ -49,6 +51,8 @@ CALL_BLOCKS = 10  # keyq and Celery round trips take turns in this many blocks e
 CALL_WARMUP = 10  # untimed round trips per side first
 SEND_MANY_CHUNK = 1000  # messages per send_many call while filling the queues
 UNSAMPLED_EVENT_RATE = 1e9  # KEYQ_FLOWER_EVENT_RATE high enough that no success is sampled out
+TAKEOVER_WARMUP_S = 1.5  # seconds of load before the kill
+TAKEOVER_QUIET_S = 0.5  # idle takeover: seconds of nothing before the kill
 
 
 @dataclass
@@ -348,6 +352,20 @@ class Bench:
         out["worker_us_per_msg"] = cpu.us_per_msg
         return out
 
+    def plain_celery_dispatch(self, count: int, keys: int) -> dict[str, Any]:
+        """Send to applied on idle keyq workers (those running): messages published by plain
+        Celery's send_task (docs/wire.md, no wake token) against keyq's Client.send, taking
+        turns one at a time (keyq.bench.plain_celery)."""
+        if not any(p.kind == "keyq" and p.alive() for p in self.procs):
+            raise RuntimeError("plain_celery_dispatch needs keyq workers running")
+        app = Celery("keyq_bench_plain", broker=self.settings.broker_url, set_as_current=False)
+        try:
+            out = idle_dispatch(self.settings, self.redis, self.client, app, count, keys)
+        finally:
+            app.close()
+        self.adds += out["adds"]
+        return out
+
     def pg_commit_probe(self, count: int) -> list[float]:
         """Durations of one-row upsert transactions: the fsync floor under every keyq commit."""
         repo = Repo(self.settings.database_url)
@@ -393,13 +411,88 @@ class Bench:
     # --- takeover ----------------------------------------------------------------------------
 
     def takeover(self, load_rate: float, keys: int) -> dict[str, Any]:
-        """Two rendezvous workers under load; kill -9 one; time until the survivor applies
-        messages of every partition the victim held."""
-        self.stop_workers()
+        """Two rendezvous workers, idle (load_rate 0) or under a paced load of load_rate msg/s
+        offered by a sender process; kill -9 one; one probe message to each of its partitions
+        right after the kill; time until the survivor applies a message of every partition the
+        victim held (`takeover_ms`), and until it holds all their leases (`lease_takeover_ms`).
+
+        Consecutive calls share workers: the survivor of one is kept and one worker is started
+        beside it, so the next measure starts once the two have split the partitions again."""
+        procs, nodes = self._rendezvous_pair()
         lkey = latency_key(self.settings)
         self.redis.delete(lkey)
-        procs = [start_keyq_worker(self.settings, None, self.loglevel) for _ in range(2)]
-        self.procs.extend(procs)
+        leases = Leases(self.redis, self.settings)
+        victim, survivor_node = procs[0], nodes[1]
+        victim_parts = sorted(p for p, info in leases.holders().items() if info.owner == nodes[0])
+        probe_keys = _keys_per_partition(self.settings.partitions, victim_parts)
+        load = BackgroundLoad(self.settings, load_rate, keys) if load_rate > 0 else None
+        if load is not None:
+            load.start()
+            time.sleep(TAKEOVER_WARMUP_S)
+        else:
+            time.sleep(TAKEOVER_QUIET_S)  # idle: nothing in flight, the workers wait for work
+        t_kill = time.time()
+        victim.kill9()
+        for p in victim_parts:
+            self.client.send(ENTITY, probe_keys[p], OP, {"by": 1})
+        lease_ms: float | None = None
+        seen: dict[int, float] = {}
+        read = 0
+        deadline = time.monotonic() + 30
+        try:
+            while len(seen) < len(victim_parts) and time.monotonic() < deadline:
+                if lease_ms is None:
+                    holders = leases.holders()
+                    if all(
+                        holders.get(p) is not None and holders[p].owner == survivor_node
+                        for p in victim_parts
+                    ):
+                        lease_ms = (time.time() - t_kill) * 1000
+                new = self.redis.lrange(lkey, read, -1)
+                read += len(new)
+                for s in parse_samples(new):
+                    if s.partition in victim_parts and s.applied_at > t_kill:
+                        seen.setdefault(s.partition, s.applied_at)
+                time.sleep(0.005)
+        finally:
+            loaded = load.stop() if load is not None else None
+        total_sent = (loaded.sent if loaded else 0) + len(victim_parts)
+        self.adds += total_sent
+        all_applied = True
+        try:
+            wait_for(lambda: self.counter_total() == self.adds, 30.0, "the load to be applied")
+        except TimeoutError:
+            all_applied = False
+        first = sorted((t - t_kill) * 1000 for t in seen.values())
+        out: dict[str, Any] = {
+            "victim_partitions": len(victim_parts),
+            "takeover_ms": first[-1] if len(first) == len(victim_parts) else None,
+            "first_partition_ms": first[0] if first else None,
+            "median_partition_ms": percentile(first, 50),
+            "lease_takeover_ms": lease_ms,
+            "lease_ttl_ms": self.settings.lease_ttl_ms,
+            "load_rate_asked": load_rate,
+            "load_rate_achieved": loaded.achieved if loaded else 0.0,
+            "load_behind_s": loaded.behind_s if loaded else 0.0,
+            "load_flagged": loaded.flagged if loaded else False,
+            "sent": total_sent,
+            "all_applied": all_applied,
+        }
+        if not all_applied or len(first) < len(victim_parts):
+            out["diagnostics"] = self._diagnostics(victim_parts, seen)
+        return out
+
+    def _rendezvous_pair(self) -> tuple[list[Proc], list[str]]:
+        """Two rendezvous (unpinned) keyq workers that have split the partitions between them,
+        oldest first, with their node ids: live ones already running are kept, every other
+        worker (static slices, plain Celery, dead ones) is stopped, the rest are started."""
+        keep = [p for p in self.procs if p.kind == "keyq" and p.partitions is None and p.alive()]
+        keep = keep[:2]
+        self.stop_these([p for p in self.procs if p not in keep])
+        procs = keep + [
+            start_keyq_worker(self.settings, None, self.loglevel) for _ in range(2 - len(keep))
+        ]
+        self.procs.extend(procs[len(keep) :])
         leases = Leases(self.redis, self.settings)
         nodes: list[str] = []
 
@@ -418,70 +511,7 @@ class Bench:
             )
 
         wait_for(converged, 60.0, "two workers to split the partitions")
-        victim, survivor_node = procs[0], nodes[1]
-        victim_parts = sorted(p for p, info in leases.holders().items() if info.owner == nodes[0])
-        probe_keys = _keys_per_partition(self.settings.partitions, victim_parts)
-        stop = threading.Event()
-        sent = [0]
-
-        def load() -> None:
-            with Client(self.settings) as c:
-                i = 0
-                t0 = time.monotonic()
-                while not stop.is_set():
-                    c.send(ENTITY, bench_key(i % keys), OP, {"by": 1})
-                    i += 1
-                    sent[0] += 1
-                    delay = t0 + i / load_rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-
-        loader = threading.Thread(target=load, name="bench-load", daemon=True)
-        loader.start()
-        time.sleep(1.5)
-        t_kill = time.time()
-        victim.kill9()
-        for p in victim_parts:
-            self.client.send(ENTITY, probe_keys[p], OP, {"by": 1})
-        lease_ms: float | None = None
-        seen: dict[int, float] = {}
-        read = 0
-        deadline = time.monotonic() + 30
-        while len(seen) < len(victim_parts) and time.monotonic() < deadline:
-            if lease_ms is None:
-                holders = leases.holders()
-                if all(
-                    holders.get(p) is not None and holders[p].owner == survivor_node
-                    for p in victim_parts
-                ):
-                    lease_ms = (time.time() - t_kill) * 1000
-            new = self.redis.lrange(lkey, read, -1)
-            read += len(new)
-            for s in parse_samples(new):
-                if s.partition in victim_parts and s.applied_at > t_kill:
-                    seen.setdefault(s.partition, s.applied_at)
-            time.sleep(0.005)
-        stop.set()
-        loader.join(10)
-        total_sent = sent[0] + len(victim_parts)
-        self.adds += total_sent
-        all_applied = True
-        try:
-            wait_for(lambda: self.counter_total() == self.adds, 30.0, "the load to be applied")
-        except TimeoutError:
-            all_applied = False
-        first = {p: (t - t_kill) * 1000 for p, t in seen.items()}
-        out: dict[str, Any] = {
-            "victim_partitions": len(victim_parts),
-            "takeover_ms": max(first.values()) if len(first) == len(victim_parts) else None,
-            "first_partition_ms": min(first.values()) if first else None,
-            "lease_takeover_ms": lease_ms,
-            "sent": total_sent,
-            "all_applied": all_applied,
-        }
-        if not all_applied or len(first) < len(victim_parts):
-            out["diagnostics"] = self._diagnostics(victim_parts, seen)
-        return out
+        return procs, nodes
 
     def counter_total(self) -> int:
         """The sum of every counter in the Repo: the adds applied so far."""
