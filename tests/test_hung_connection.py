@@ -322,3 +322,67 @@ def test_a_node_cut_off_from_redis_gives_up_its_leases_and_rejoins(
         assert runs in ([], [node.pid], [survivor.pid], [node.pid, survivor.pid]), (key, runs)
     assert back_s < back_bound, f"the node served again {back_s:.1f}s after the thaw"
     load.wait_complete()
+
+
+def within(
+    seconds: float, fn: Callable[[], object], release: Callable[[], None] | None = None
+) -> tuple[BaseException | None, float]:
+    """Run fn in a thread; what it raised (None if nothing) and how long it took. A call still
+    running after `seconds` fails the test instead of hanging it (after release())."""
+    out: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            out["error"] = e
+
+    started = time.monotonic()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        if release is not None:
+            release()  # so that nothing else hangs on the stuck call's connection
+        raise AssertionError(f"the call still waits after {seconds:.1f}s: no limit applied")
+    return out.get("error"), time.monotonic() - started
+
+
+def test_every_database_wait_on_a_hung_connection_has_a_limit(
+    pg_proxy: TcpProxy, pg_database_url: str
+) -> None:
+    """keyq's engines on a connection that stops answering: a statement gives up after the
+    statement timeout + connect timeout + 2 s, connecting gives up after the connect timeout
+    (libpq alone waits forever for both), and the pool then connects anew."""
+    import sqlalchemy as sa
+
+    from keyq.connections import DATABASE_ANSWER_MARGIN_S, Timeouts
+    from keyq.repo import make_engine
+
+    db = pg_database_url.rsplit("/", 1)[1]
+    timeouts = Timeouts(database_connect_s=1.0, database_statement_s=1.0)
+    engine = make_engine(pg_proxy.url("postgresql", f"/{db}", "postgres"), timeouts=timeouts)
+    limit = 1.0 + 1.0 + DATABASE_ANSWER_MARGIN_S
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            assert pg_proxy.hang() == 1
+            error, waited = within(
+                limit + SLACK_S, lambda: conn.execute(sa.text("SELECT 2")), pg_proxy.close
+            )
+        assert isinstance(error, sa.exc.OperationalError), error
+        assert "no answer from the database" in str(error)
+        assert limit - 0.1 <= waited, waited
+        pg_proxy.freeze()  # new connections are accepted and never answered
+
+        def connect() -> None:
+            with engine.connect():
+                pass
+
+        error, _ = within(1.0 + SLACK_S, connect, pg_proxy.close)
+        assert isinstance(error, sa.exc.OperationalError), error
+        pg_proxy.thaw()
+        with engine.connect() as conn:  # the hung connection was dropped, not pooled
+            assert conn.execute(sa.text("SELECT 3")).scalar() == 3
+    finally:
+        engine.dispose()
