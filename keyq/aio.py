@@ -45,7 +45,7 @@ from keyq.errors import (
     ValidationError,
 )
 from keyq.lookup_stats import LookupStats
-from keyq.publisher import MessageBuilder, wake_key
+from keyq.publisher import MessageBuilder, not_replicated, wake_key
 from keyq.registry import Resolution
 from keyq.scripts import lua_source
 from keyq.settings import Settings, redact_url
@@ -284,14 +284,30 @@ class AsyncClient:
         )
         queue_key, wake, payload = queue, wake_key(queue), json.dumps(message)
         limit = self.settings.max_queue_depth
+        replicas = self.settings.publish_min_replicas
+        acked = 0
         try:
-            pushed = int(
-                await self.broker.eval(lua_source("publish"), 2, queue_key, wake, payload, limit)
-            )
+            if replicas:
+                # the script and WAIT in one pipeline: one connection, so WAIT counts this
+                # publish's write (on another connection it would wait for nothing of ours)
+                timeout_ms = self.settings.publish_replica_timeout_ms
+                async with self.broker.pipeline(transaction=False) as pipe:
+                    pipe.eval(lua_source("publish"), 2, queue_key, wake, payload, limit)
+                    pipe.execute_command("WAIT", replicas, timeout_ms)
+                    pushed_raw, acked_raw = await pipe.execute()
+                pushed, acked = int(pushed_raw), int(acked_raw)
+            else:
+                pushed = int(
+                    await self.broker.eval(
+                        lua_source("publish"), 2, queue_key, wake, payload, limit
+                    )
+                )
         except (redis.RedisError, OSError) as e:
             raise BrokerUnavailableError(
                 f"could not publish {len(envelopes)} message(s) to partition {partition}: {e}"
             ) from e
+        if replicas and pushed >= 0 and acked < replicas:
+            raise not_replicated(queue, acked, replicas, self.settings.publish_replica_timeout_ms)
         if pushed < 0:
             raise OverloadedError(
                 f"partition queue {queue} holds {-1 - pushed} messages (KEYQ_MAX_QUEUE_DEPTH="

@@ -44,7 +44,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "priority_steps": [0],
             **broker_transport_options(settings.timeouts, settings.broker_url),
-            "keyq_max_queue_depth": settings.max_queue_depth,  # keyq.transport reads it
+            "keyq_max_queue_depth": settings.max_queue_depth,  # keyq.transport reads it ...
+            # ... and these: a keyq.dispatch sent with send_task WAITs as keyq's publisher does
+            "keyq_min_replicas": settings.publish_min_replicas,
+            "keyq_replica_timeout_ms": settings.publish_replica_timeout_ms,
         },
         "broker_connection_timeout": settings.redis_connect_timeout_s,
         "broker_connection_retry_on_startup": True,

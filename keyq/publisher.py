@@ -240,7 +240,6 @@ class Publisher:
                 ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-
     def _push(self, queue: str, payload: str, limit: int, loaded: bool = False) -> int:
         """EVALSHA of the publish script on this thread's own connection, packed by hand: the
         generic command path of redis-py costs more CPU than the round trip itself. With
@@ -282,13 +281,8 @@ class Publisher:
         if replicas:
             acked = int(conn.read_response())
             if pushed >= 0 and acked < replicas:
-                raise NotReplicatedError(
-                    f"the message on {queue} reached the primary but {acked} of the "
-                    f"{replicas} replica(s) KEYQ_PUBLISH_MIN_REPLICAS asks for confirmed it "
-                    f"within {self.settings.publish_replica_timeout_ms} ms: it may be applied, "
-                    "or lost in a failover; send it again with the same idempotency key",
-                    replicas=acked,
-                    required=replicas,
+                raise not_replicated(
+                    queue, acked, replicas, self.settings.publish_replica_timeout_ms
                 )
         return pushed
 
@@ -317,6 +311,18 @@ def _pack(*parts: bytes) -> list[bytes]:
     return [b"".join(out)]
 
 
+def not_replicated(queue: str, acked: int, required: int, timeout_ms: int) -> NotReplicatedError:
+    """What a durable publish raises when WAIT counted fewer replicas than required."""
+    return NotReplicatedError(
+        f"the message on {queue} reached the primary but {acked} of the {required} "
+        f"replica(s) KEYQ_PUBLISH_MIN_REPLICAS asks for confirmed it within "
+        f"{timeout_ms} ms: it may be applied, or lost in a failover; "
+        "send it again with the same idempotency key",
+        replicas=acked,
+        required=required,
+    )
+
+
 def overloaded(queue: str, depth: int, limit: int) -> OverloadedError:
     return OverloadedError(
         f"partition queue {queue} holds {depth} messages (KEYQ_MAX_QUEUE_DEPTH={limit}): "
@@ -324,4 +330,3 @@ def overloaded(queue: str, depth: int, limit: int) -> OverloadedError:
         queue=queue,
         depth=depth,
     )
-

@@ -48,7 +48,6 @@ from redis.exceptions import NoScriptError
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK
 from keyq.connections import SENTINEL_DEFAULT_PORT
-from keyq.errors import OverloadedError
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
     PARTITION_TASKS,
@@ -57,12 +56,15 @@ from keyq.mailbox import (
     poison_key,
     redelivered,
 )
+from keyq.publisher import not_replicated, overloaded
 from keyq.scripts import lua_source
 
 log = logging.getLogger(__name__)
 
 WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idle consumers
 MAX_DEPTH_OPTION = "keyq_max_queue_depth"  # transport option: refuse publishes past this depth
+MIN_REPLICAS_OPTION = "keyq_min_replicas"  # ... a partition publish WAITs for this many replicas
+REPLICA_TIMEOUT_OPTION = "keyq_replica_timeout_ms"  # ... for at most this long
 
 
 def wake_key(queue_key: str) -> str:
@@ -115,6 +117,8 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options or {}
         self._keyq_max_depth = int(options.get(MAX_DEPTH_OPTION, 0) or 0)
+        self._keyq_min_replicas = int(options.get(MIN_REPLICAS_OPTION, 0) or 0)
+        self._keyq_replica_timeout_ms = int(options.get(REPLICA_TIMEOUT_OPTION, 0) or 0)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
@@ -140,7 +144,11 @@ class Channel(kombu_redis.Channel):
                         wake_key(key), 0, 0
                     ).execute()
             return
-        limit = self._keyq_max_depth if is_partition_queue(queue) else 0
+        partition = is_partition_queue(queue)
+        limit = self._keyq_max_depth if partition else 0
+        if partition and self._keyq_min_replicas:
+            self._keyq_put_durable(queue, key, dumps(message), limit)
+            return
         with self.conn_or_acquire() as client:
             if self._keyq_publish is None:
                 self._keyq_publish = client.register_script(lua_source("publish"))
@@ -151,13 +159,24 @@ class Channel(kombu_redis.Channel):
                 )
             )
         if pushed < 0:
-            depth = -1 - pushed
-            raise OverloadedError(
-                f"partition queue {queue} holds {depth} messages (KEYQ_MAX_QUEUE_DEPTH="
-                f"{limit}): the workers are behind; the message was not published",
-                queue=queue,
-                depth=depth,
-            )
+            raise overloaded(queue, -1 - pushed, limit)
+
+    def _keyq_put_durable(self, queue: str, key: str, payload: str, limit: int) -> None:
+        """A keyq.dispatch sent with Celery's send_task (``Client.app``, ``celery call``,
+        kombu) under KEYQ_PUBLISH_MIN_REPLICAS: the publish script and WAIT in one pipeline,
+        so on one connection (WAIT counts that connection's writes), as keyq.publisher does.
+        NotReplicatedError when fewer replicas confirm it in time. Only partition queues:
+        beat's maintenance tasks are sent again every period, a lost one costs nothing."""
+        replicas = self._keyq_min_replicas
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.eval(lua_source("publish"), 2, key, wake_key(key), payload, limit)
+            pipe.execute_command("WAIT", replicas, self._keyq_replica_timeout_ms)
+            pushed, acked = (int(x) for x in pipe.execute())
+        if pushed < 0:
+            raise overloaded(queue, -1 - pushed, limit)
+        if acked < replicas:
+            raise not_replicated(queue, acked, replicas, self._keyq_replica_timeout_ms)
 
     # --- consumer side ---------------------------------------------------------------------
 

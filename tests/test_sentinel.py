@@ -9,6 +9,7 @@ the replica; everything must find the new primary by itself.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -25,6 +26,8 @@ import psycopg2
 import pytest
 import redis
 
+from keyq.aio import AsyncClient
+from keyq.celery_app import DISPATCH_TASK, RECONCILE_TASK, default_queue
 from keyq.client import Client
 from keyq.connections import SentinelOptions, Timeouts, parse_sentinel_url, redis_client
 from keyq.errors import ConfigurationError, KeyqError, NotReplicatedError
@@ -362,6 +365,73 @@ def test_durable_send_without_a_replica_raises_not_replicated(
         client.send("journal", "durable", "append", 1, idempotency_key="one")  # now replicated
     with Client(s.with_(publish_min_replicas=0)) as plain:
         plain.send("journal", "durable", "append", 2)  # no WAIT: returns at once
+
+
+def test_async_durable_send_waits_for_the_replica_as_the_client_does(
+    group: SentinelGroup, database_url: str
+) -> None:
+    """AsyncClient with KEYQ_PUBLISH_MIN_REPLICAS=1: a send returns once the replica holds the
+    message; with the replica stopped it raises NotReplicatedError after the timeout (the
+    primary has it), and the same send again once the replica is back is accepted."""
+    s = sentinel_settings(
+        group, database_url, publish_min_replicas=1, publish_replica_timeout_ms=300
+    )
+    primary, replica = group.nodes
+    queue = s.queue_name(partition_for("adurable", PARTITIONS))
+
+    async def scenario() -> tuple[float, NotReplicatedError]:
+        async with AsyncClient(s) as client:
+            await client.send("journal", "adurable", "append", 0)
+            assert replica.client().llen(queue) == 1
+            replica.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(NotReplicatedError) as refused:
+                    await client.send("journal", "adurable", "append", 1, idempotency_key="one")
+                elapsed = time.monotonic() - started
+            finally:
+                replica.resume()
+            await client.send("journal", "adurable", "append", 1, idempotency_key="one")
+            return elapsed, refused.value
+
+    elapsed, refused = asyncio.run(scenario())
+    assert 0.25 <= elapsed < 3.0  # waited the timeout, not forever
+    assert (refused.replicas, refused.required) == (0, 1)
+    assert primary.client().llen(queue) == 3  # the refused one reached the primary
+    assert replica.client().llen(queue) == 3  # the last send returned once replicated
+
+
+def test_celery_send_task_of_a_keyq_message_waits_for_the_replica(
+    group: SentinelGroup, database_url: str
+) -> None:
+    """A keyq.dispatch sent with Celery's send_task (Client.app, `celery call`) is as durable as
+    Client.send: NotReplicatedError with the replica stopped. Beat's maintenance tasks are not
+    held up by a missing replica (sent again every period, a lost one costs nothing)."""
+    s = sentinel_settings(
+        group, database_url, publish_min_replicas=1, publish_replica_timeout_ms=300
+    )
+    primary, replica = group.nodes
+    queue = s.queue_name(partition_for("viacelery", PARTITIONS))
+    with Client(s) as client:
+        wires = [client.envelope("journal", "viacelery", "append", i).to_wire() for i in (0, 1)]
+        client.app.send_task(DISPATCH_TASK, args=[[wires[0]]], queue=queue)
+        assert replica.client().llen(queue) == 1
+        replica.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(NotReplicatedError) as refused:
+                client.app.send_task(DISPATCH_TASK, args=[[wires[1]]], queue=queue)
+            elapsed = time.monotonic() - started
+            maintenance_started = time.monotonic()
+            client.app.send_task(RECONCILE_TASK, queue=default_queue(s), expires=60)
+            maintenance_s = time.monotonic() - maintenance_started
+        finally:
+            replica.resume()
+    assert 0.25 <= elapsed < 3.0
+    assert (refused.value.replicas, refused.value.required) == (0, 1)
+    assert primary.client().llen(queue) == 2  # it reached the primary, as with Client.send
+    assert primary.client().llen(default_queue(s)) == 1
+    assert maintenance_s < 0.25, "beat's task waited for a replica"
 
 
 # --- the failover ----------------------------------------------------------------------------
