@@ -7,13 +7,14 @@ ends a blocking wait at its next timer event, every 1000/hz ms, so with the defa
 wait lasts about 100 ms), rather than at once as it does for a `Client.send`.
 
 Messages go one at a time, the two producers taking turns, each once the previous one was
-applied. Before a plain-Celery message the workers are left idle long enough to be in their
-steady wait (3 wait periods) plus a random part of two more, so the message lands at a random
-point of the wait, as it would in production (a fixed pause would lock onto one phase of the
-cycle); a Client message wakes the worker with its token whatever the phase, so a short pause
-is enough before it. Latency is send to applied, as the workers' latency hook reports it (the
-envelope's `sent_at` to the worker's clock after the commit). The Redis wait itself is measured
-too: a BRPOP with the workers' timeout on an empty list, timed here.
+applied. Before a plain-Celery message the workers are left idle for one wait period plus a
+random part of two more (50-150 ms): past the wait that began with the last apply, the message
+lands at a random point of the waits that follow, as it would on a worker idle for long (a
+fixed pause would lock onto one phase of the cycle; two periods of 50 ms, or one of Redis's
+100 ms timer, are covered evenly); a Client message wakes the worker with its token whatever
+the phase, so a short pause is enough before it. Latency is send to applied, as the workers'
+latency hook reports it (the envelope's `sent_at` to the worker's clock after the commit). The
+Redis wait itself is measured too: a BRPOP with the workers' timeout on an empty list.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def idle_dispatch(
     r.delete(lkey)
     period = BRPOP_TIMEOUT_S
     pauses = {
-        "celery": (3 * period, 5 * period),  # steady idle wait, then a random phase
+        "celery": (period, 3 * period),  # past the first wait, then a random phase
         "client": (CLIENT_PAUSE_S, CLIENT_PAUSE_S),
     }
     out: dict[str, list[float]] = {"client": [], "celery": []}

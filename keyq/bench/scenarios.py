@@ -433,6 +433,12 @@ class Bench:
             time.sleep(TAKEOVER_QUIET_S)  # idle: nothing in flight, the workers wait for work
         t_kill = time.time()
         victim.kill9()
+        # what the victim had claimed and not settled: the survivor restores it at the queue
+        # heads, and a redelivered message is applied alone (one commit each)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in victim_parts:
+            pipe.llen(self.mailbox.inflight_key(p))
+        inflight = sum(int(n) for n in pipe.execute())
         for p in victim_parts:
             self.client.send(ENTITY, probe_keys[p], OP, {"by": 1})
         lease_ms: float | None = None
@@ -469,8 +475,10 @@ class Bench:
             "takeover_ms": first[-1] if len(first) == len(victim_parts) else None,
             "first_partition_ms": first[0] if first else None,
             "median_partition_ms": percentile(first, 50),
+            "partition_ms": [round(ms, 1) for ms in first],  # each victim partition, sorted
             "lease_takeover_ms": lease_ms,
             "lease_ttl_ms": self.settings.lease_ttl_ms,
+            "inflight_at_kill": inflight,
             "load_rate_asked": load_rate,
             "load_rate_achieved": loaded.achieved if loaded else 0.0,
             "load_behind_s": loaded.behind_s if loaded else 0.0,
