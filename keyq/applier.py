@@ -43,6 +43,7 @@ from keyq.records import (
     TimerRow,
 )
 from keyq.repo import Repo
+from keyq.repo_health import RepoHealth
 from keyq.settings import Settings
 from keyq.supervisor import Supervisor, time_limit
 from keyq.timers import KeyTimers, decide
@@ -161,6 +162,8 @@ class Applier:
         self._sleep = sleep
         # called whenever the batch moves on (a handler starts, a wait ends): the watchdog's pulse
         self.on_progress: Callable[[], None] = lambda: None
+        # told of database outages (keyq.repo_health: a node that cannot reach it steps back)
+        self.repo_health: RepoHealth | None = None
         self.timer_clock: Callable[[], float] | None = None  # the database's clock (worker sets)
         self._defaults = settings.supervision
 
@@ -636,12 +639,19 @@ class Applier:
     def _retry_repo(self, fn: Callable[[], Any], keep_trying: Callable[[], bool], what: str) -> Any:
         """Run fn; while the database is down, wait and try again (nothing is acked meanwhile)."""
         delay = 0.05
+        failed = False
         while True:
             try:
-                return fn()
+                out = fn()
+                if failed and self.repo_health is not None:
+                    self.repo_health.succeeded()
+                return out
             except (StaleWriteError, RepoDataError):
                 raise  # a newer owner, or data the database refuses: waiting cannot help
             except RepoError as e:
+                failed = True
+                if self.repo_health is not None:
+                    self.repo_health.failed()
                 if not keep_trying():
                     raise
                 log.error(

@@ -73,6 +73,11 @@ class OwnershipHooks(Protocol):
         """What the heartbeat publishes about the consumer's progress (`keyq status`)."""
         return {}
 
+    def healthy(self) -> bool:
+        """Whether this node can serve partitions (its database answers). An unhealthy node
+        leaves the rendezvous set and gives its partitions up until it is healthy again."""
+        return True
+
 
 @dataclass
 class TickReport:
@@ -148,6 +153,8 @@ class PartitionOwnership:
     def desired(self, members: list[str]) -> set[int]:
         if self.static_partitions is not None:
             return set(self.static_partitions)
+        if not self.hooks.healthy():
+            return set()  # out of the rendezvous set: the healthy nodes take them
         if self.node_id not in members:
             members = [*members, self.node_id]
         with self._lock:
@@ -165,9 +172,8 @@ class PartitionOwnership:
         with self._lock:
             consuming = sorted(p for p, t in self._held.items() if self._lost.get(p) != t)
         info = {**self.info, **self.hooks.pulse(), "partitions": consuming, "ts": time.time()}
-        members, static = self.membership.heartbeat(
-            self.node_id, info, balanced=self.static_partitions is None
-        )
+        balanced = self.static_partitions is None and self.hooks.healthy()
+        members, static = self.membership.heartbeat(self.node_id, info, balanced=balanced)
         with self._lock:
             self._members = members
             self._static_elsewhere = static

@@ -55,6 +55,36 @@ state_table = sa.Table(
     sa.Index("ix_keyq_state_active", "entity", "active"),
 )
 
+# PostgreSQL's commit of a batch: the partitions' fencing tokens recorded (unless the Repo has a
+# newer one) and the keys' states written (unless it has a newer token or version for them), in
+# one statement; the states only if every partition passed. (SQLite: two statements.)
+_GATED_UPSERT = sa.text(
+    """
+WITH gate AS (
+    INSERT INTO keyq_partition AS kp (partition, fence, updated_at)
+    SELECT g.partition, g.fence, :now
+    FROM unnest(CAST(:parts AS integer[]), CAST(:fences AS bigint[])) AS g(partition, fence)
+    ON CONFLICT (partition) DO UPDATE
+        SET fence = EXCLUDED.fence, updated_at = EXCLUDED.updated_at
+        WHERE kp.fence <= EXCLUDED.fence
+    RETURNING kp.partition
+)
+INSERT INTO keyq_state AS ks (entity, key, state, version, fence, recent_ids, active, updated_at)
+SELECT r.entity, r.key, r.state, r.version, r.fence, r.recent_ids, r.active, :now
+FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+    entity text, key text, state jsonb, version bigint, fence bigint, recent_ids jsonb,
+    active boolean
+)
+WHERE (SELECT count(*) FROM gate) = :nparts
+ON CONFLICT (entity, key) DO UPDATE
+    SET state = EXCLUDED.state, version = EXCLUDED.version, fence = EXCLUDED.fence,
+        recent_ids = EXCLUDED.recent_ids, active = EXCLUDED.active,
+        updated_at = EXCLUDED.updated_at
+    WHERE ks.fence <= EXCLUDED.fence AND ks.version < EXCLUDED.version
+RETURNING ks.entity, ks.key
+"""
+)
+
 partition_table = sa.Table(
     "keyq_partition",
     metadata,
@@ -288,6 +318,14 @@ class Repo:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """One round trip to the database; RepoError if it does not answer."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except SQLAlchemyError as e:
+            raise repo_error(e, "ping") from e
+
     def migrate(self) -> str | None:
         """Bring the schema to the newest Alembic revision (idempotent); returns that revision."""
         from keyq.migrate import upgrade
@@ -346,6 +384,29 @@ class Repo:
 
     def _check_fence(self, conn: Connection, partition: int, fence: int) -> None:
         self._check_fences(conn, [(partition, fence)])
+
+    def _gated_upsert(
+        self, conn: Connection, fences: Sequence[tuple[int, int]], rows: list[dict[str, Any]]
+    ) -> list[Any]:
+        """PostgreSQL: record the fences and write the states in ONE statement (one round trip
+        less per commit): the states are written only if every partition's token passed (the
+        CTE's RETURNING says which); a refused fence shows as rows not written."""
+        accepted = conn.execute(
+            _GATED_UPSERT,
+            {
+                "parts": [p for p, _ in fences],
+                "fences": [f for _, f in fences],
+                "nparts": len(fences),
+                "now": rows[0]["updated_at"],
+                "rows": json.dumps(
+                    [{k: v for k, v in r.items() if k != "updated_at"} for r in rows],
+                    separators=(",", ":"),
+                ),
+            },
+        ).all()
+        if len(accepted) != len(rows):  # which: a fence (then nothing was written) or a key
+            self._check_fences(conn, fences)
+        return list(accepted)
 
     def _check_fences(self, conn: Connection, fences: Sequence[tuple[int, int]]) -> None:
         """Record every (partition, token) in one statement; refuse if any is stale."""
@@ -409,7 +470,9 @@ class Repo:
         now = _now()
         try:
             with self.engine.begin() as conn:
-                self._check_fences(conn, [(p, f) for p, f, _ in fenced])
+                gated = writes and self._dialect == "postgresql"
+                if not gated:  # PostgreSQL checks the fences in the write's own statement
+                    self._check_fences(conn, [(p, f) for p, f, _ in fenced])
                 if writes:
                     rows = [
                         {
@@ -425,7 +488,10 @@ class Repo:
                         for _, f, ws in fenced
                         for w in ws
                     ]
-                    accepted = conn.execute(self._upsert_stmt, rows).all()
+                    if gated:
+                        accepted = self._gated_upsert(conn, [(p, f) for p, f, _ in fenced], rows)
+                    else:
+                        accepted = list(conn.execute(self._upsert_stmt, rows).all())
                     if len(accepted) != len(rows):
                         got = {(r.entity, r.key) for r in accepted}
                         refused = [

@@ -41,6 +41,7 @@ DEFAULT_RESTART_WINDOW_S = 60.0  # ... within this window (with the backoff: a 1
 DEFAULT_BACKOFF_MIN_S = 0.1  # first wait before a restart, doubling ...
 DEFAULT_BACKOFF_MAX_S = 2.0  # ... up to this (with +-20 % jitter)
 DEFAULT_MAX_HANDLER_SECONDS = 30.0  # a handler running longer is stopped and dead-lettered
+DEFAULT_REPO_HANDOFF_S = 10.0  # a node whose database fails this long hands its partitions off
 DEFAULT_RECONCILE_INTERVAL_S = 10.0
 DEFAULT_RECONCILE_BATCH = 1000
 DEFAULT_RECONCILE_BUDGET_S = 2.0
@@ -135,6 +136,7 @@ ENV_VARIABLES: dict[str, str] = {
     "backoff_min_s": "KEYQ_BACKOFF_MIN_S",
     "backoff_max_s": "KEYQ_BACKOFF_MAX_S",
     "max_handler_seconds": "KEYQ_MAX_HANDLER_SECONDS",
+    "repo_handoff_s": "KEYQ_REPO_HANDOFF_S",
     "metrics_port": "KEYQ_METRICS_PORT",
     "startup_wait_s": "KEYQ_STARTUP_WAIT_S",
     "redis_connect_timeout_s": "KEYQ_REDIS_CONNECT_TIMEOUT_S",
@@ -179,6 +181,7 @@ class Settings:
     backoff_min_s: float = DEFAULT_BACKOFF_MIN_S
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
     max_handler_seconds: float = DEFAULT_MAX_HANDLER_SECONDS
+    repo_handoff_s: float = DEFAULT_REPO_HANDOFF_S
     metrics_port: int = 0  # 0: no metrics HTTP server
     startup_wait_s: float = DEFAULT_STARTUP_WAIT_S
     redis_connect_timeout_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
@@ -257,6 +260,7 @@ class Settings:
             max_handler_seconds=_float(
                 env, "KEYQ_MAX_HANDLER_SECONDS", DEFAULT_MAX_HANDLER_SECONDS
             ),
+            repo_handoff_s=_float(env, "KEYQ_REPO_HANDOFF_S", DEFAULT_REPO_HANDOFF_S, 0.1),
             metrics_port=_int(env, "KEYQ_METRICS_PORT", 0, minimum=0),
             startup_wait_s=_float(env, "KEYQ_STARTUP_WAIT_S", DEFAULT_STARTUP_WAIT_S),
             redis_connect_timeout_s=_float(

@@ -47,7 +47,9 @@ from keyq.records import DeadLetter
 from keyq.registry import NameRegistry
 from keyq.reply import REPLY_TTL_MS
 from keyq.repo import Repo
+from keyq.repo_health import RepoHealth
 from keyq.routing import partition_for
+from keyq.scripts import script_pipeline
 from keyq.settings import Settings
 from keyq.supervisor import Supervisor
 from keyq.timers import TimerPoller
@@ -105,6 +107,8 @@ class WorkerRuntime(OwnershipHooks):
             settings, self.entities, self.repo, self.activations, self.supervisor
         )
         self.applier.on_progress = self._progress
+        self.repo_health = RepoHealth(settings.repo_handoff_s, self.repo.ping)
+        self.applier.repo_health = self.repo_health
         self._batch_pulse: float | None = None  # last progress of the batch running, if any
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
@@ -137,6 +141,7 @@ class WorkerRuntime(OwnershipHooks):
     def prepare(self, partition: int, token: int) -> None:
         try:
             self.repo.record_fence(partition, token)
+            self.repo_health.succeeded()
         except StaleWriteError:
             # Redis lost its fence counter (restart without persistence): lift it above the
             # Repo's token; the ownership tick releases this lease and claims a newer one.
@@ -149,6 +154,9 @@ class WorkerRuntime(OwnershipHooks):
                 "keyq fence counter behind the Repo partition=%s token=%s repo_fence=%s",
                 partition, token, repo_fence,
             )
+            raise
+        except RepoError:
+            self.repo_health.failed()  # the claim is released; enough of them: step back
             raise
         restored = self.mailbox.restore(partition)
         if restored:
@@ -189,6 +197,11 @@ class WorkerRuntime(OwnershipHooks):
 
     def settle(self) -> bool:
         return self._settle()
+
+    def healthy(self) -> bool:
+        """keyq.repo_health: False while the database has failed for KEYQ_REPO_HANDOFF_S (the
+        heartbeat thread probes it meanwhile)."""
+        return self.repo_health.probe_if_down()
 
     def _lost_here(self, partition: int, token: int) -> None:
         """The partition moved on (or its messages cannot be moved now): stop consuming it at
@@ -366,7 +379,8 @@ class WorkerRuntime(OwnershipHooks):
         try:
             outcome = self.applier.apply_group(
                 [(p, batch.tokens[p], batch.raws.get(p, [])) for p in parts],
-                keep_trying=lambda: all(self.ownership.token(p) == batch.tokens[p] for p in parts),
+                keep_trying=lambda: self.repo_health.healthy()
+                and all(self.ownership.token(p) == batch.tokens[p] for p in parts),
                 dead_letters=batch.dead,
                 rerouted=frozenset(batch.rerouted),
                 on_early_commit=lambda early: self._committed_early(early, batch.leases),
@@ -519,7 +533,7 @@ class WorkerRuntime(OwnershipHooks):
         except Exception as e:
             log.error("keyq could not re-route %d message(s): %s", len(outcome.reroutes), e)
         try:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = script_pipeline(self.redis)  # its scripts are not looked up every time
             self.cache.put_many(outcome.cache_entries, pipe=pipe)
             for message_id, encoded in outcome.replies:
                 reply_key = self.settings.redis_key("reply", message_id)

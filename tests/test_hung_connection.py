@@ -386,3 +386,59 @@ def test_every_database_wait_on_a_hung_connection_has_a_limit(
             assert conn.execute(sa.text("SELECT 3")).scalar() == 3
     finally:
         engine.dispose()
+
+
+def test_a_node_that_loses_its_database_hands_its_partitions_to_the_others(
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+    pg_proxy: TcpProxy,
+    repo: Repo,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """One node loses its database altogether (the proxy swallows every connection, new ones
+    too) while the other still reaches it: after KEYQ_REPO_HANDOFF_S of failures the node gives
+    up its batch (messages back at their queue heads), leaves the rendezvous set and releases
+    its partitions; the other node serves them within handoff + TTL + grace + slack. When the
+    database answers again the node rejoins and serves its partitions again. Every history
+    complete, once, in order; nothing dead-lettered."""
+    handoff_s, statement_s, connect_s = 2.0, 2.0, 1.0
+    base = settings.with_(
+        database_statement_timeout_s=statement_s,
+        database_connect_timeout_s=connect_s,
+        repo_handoff_s=handoff_s,
+    )
+    db = settings.database_url.rsplit("/", 1)[1]
+    cut_settings = base.with_(database_url=pg_proxy.url("postgresql", f"/{db}", "postgres"))
+    node, survivor, parts = two_nodes(start_worker, redis_client, base, cut_settings)
+    probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
+    load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
+    try:
+        poll(lambda: load.total() > 200, what="load to build up")
+        pg_proxy.cut()
+        cut_at = time.monotonic()
+        # the node notices within one wait limit, steps back after the handoff time, and the
+        # survivor claims once the lease is released (grace) or expired (TTL)
+        wait_limit = statement_s + connect_s + 2.0
+        bound = wait_limit + handoff_s + base.lease_ttl_s + 1.0 + SLACK_S
+        taken_s = probe(client, probe_key, cut_at, bound + 20.0, by_pid=survivor.pid)
+        assert node.proc.poll() is None, node.log()[-2000:]
+        pg_proxy.thaw()
+        back_at = time.monotonic()
+        rejoined_s = probe(client, probe_key, back_at, 30.0, by_pid=node.pid)
+        more = load.total() + 300
+        poll(lambda: load.total() > more, what="more load after the database came back")
+    finally:
+        load.finish()
+    record_property("handed_off_seconds", round(taken_s, 3))
+    record_property("rejoined_seconds", round(rejoined_s, 3))
+    print(
+        f"database lost by one node: served by the other after {taken_s:.3f}s; "
+        f"the node served again {rejoined_s:.3f}s after the database came back",
+        file=sys.stderr,
+    )
+    assert taken_s < bound, f"handed off after {taken_s:.1f}s, bound {bound:.1f}s"
+    assert "this node takes partitions again" in node.log()
+    load.wait_complete()
+    assert repo.dead_letters() == []
