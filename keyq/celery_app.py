@@ -23,6 +23,7 @@ VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; key
 BRPOP_TIMEOUT_S = 0.05
 TRANSPORT = "keyq.transport:Transport"  # kombu's Redis transport with keyq's atomic fetch ...
 SENTINEL_TRANSPORT = "keyq.transport:SentinelTransport"  # ... and the same on Redis Sentinel
+BROKER_CONSUMER = "keyq.broker_consumer:Consumer"  # the worker's consumer (loaded by workers only)
 
 
 def broker_transport(settings: Settings) -> str:
@@ -64,6 +65,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Celery's consumer, reconnecting to a lost broker within about a second of its return
+        "worker_consumer": BROKER_CONSUMER,
         "task_default_queue": default_queue(settings),
         "task_create_missing_queues": True,
         # Flower shows keyq's tasks and queues

@@ -45,6 +45,12 @@ DEFAULT_DATABASE_STATEMENT_TIMEOUT_S = 30.0  # one batch's statement; 0 turns it
 KEEPALIVE_IDLE_S = 5  # database TCP keepalive: first probe after this much silence ...
 KEEPALIVE_INTERVAL_S = 2  # ... then one probe every this many seconds ...
 KEEPALIVE_COUNT = 3  # ... and the connection is dead after this many unanswered probes
+# a worker that lost its broker tries again after 0.2 s, 0.4 s ... then every 1 s (Celery's own
+# schedule, 2 s, 4 s, 6 s ... up to 30 s, left a Sentinel failover's workers idle up to 4 s after
+# the promotion; keyq.broker_consumer)
+BROKER_RECONNECT_START_S = 0.2
+BROKER_RECONNECT_STEP_S = 0.2
+BROKER_RECONNECT_MAX_S = 1.0
 SENTINEL_SCHEME = "sentinel"  # Celery's and kombu's scheme for a list of Redis sentinels
 SENTINEL_DEFAULT_PORT = 26379  # a sentinel URL without a port means this one
 
