@@ -51,6 +51,8 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("takeover_idle_ms", "  takeover after kill -9, idle", "ms", "< 1000"),
     ("takeover_load_ms", "  takeover after kill -9, under load", "ms", "< 1000"),
     ("takeover_load_rate_msgs_per_s", "    load offered by one sender (achieved)", "msg/s", ""),
+    ("takeover_load_lease_ms", "    every lease moved at (under load)", "ms", ""),
+    ("takeover_load_inflight", "    victim's in-flight messages (applied alone)", "msg", ""),
     ("takeover_lease_ttl_ms", "    lease TTL (KEYQ_LEASE_TTL_MS)", "ms", ""),
     ("rss_mb_10k", "worker RSS after 10k keys", "MB", ""),
     ("rss_mb_100k", "worker RSS after 100k keys", "MB", ""),
@@ -115,6 +117,8 @@ def table(doc: dict[str, Any]) -> str:
         **{f"events_{k}": v for k, v in (doc.get("events_cost") or {}).items()},
         **{f"plain_celery_{k}": v for k, v in (doc.get("plain_celery_dispatch") or {}).items()},
         "takeover_lease_ttl_ms": (doc.get("takeover") or {}).get("lease_ttl_ms"),
+        "takeover_load_lease_ms": (doc.get("takeover_load") or {}).get("lease_takeover_ms"),
+        "takeover_load_inflight": (doc.get("takeover_load") or {}).get("inflight_at_kill"),
     }
     for key, label, unit, target in ROWS:
         lines.append(f"{label:44} {_fmt(flat.get(key)):>12} {unit:6} {target}")

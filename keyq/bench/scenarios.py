@@ -425,12 +425,14 @@ class Bench:
         victim, survivor_node = procs[0], nodes[1]
         victim_parts = sorted(p for p, info in leases.holders().items() if info.owner == nodes[0])
         probe_keys = _keys_per_partition(self.settings.partitions, victim_parts)
+        all_queues = [self.settings.queue_name(p) for p in range(self.settings.partitions)]
         load = BackgroundLoad(self.settings, load_rate, keys) if load_rate > 0 else None
         if load is not None:
             load.start()
             time.sleep(TAKEOVER_WARMUP_S)
         else:
             time.sleep(TAKEOVER_QUIET_S)  # idle: nothing in flight, the workers wait for work
+        queued_before = self._queue_total(all_queues)
         t_kill = time.time()
         victim.kill9()
         # what the victim had claimed and not settled: the survivor restores it at the queue
@@ -460,6 +462,7 @@ class Bench:
                     if s.partition in victim_parts and s.applied_at > t_kill:
                         seen.setdefault(s.partition, s.applied_at)
                 time.sleep(0.005)
+            queued_after = self._queue_total(all_queues)
         finally:
             loaded = load.stop() if load is not None else None
         total_sent = (loaded.sent if loaded else 0) + len(victim_parts)
@@ -479,6 +482,10 @@ class Bench:
             "lease_takeover_ms": lease_ms,
             "lease_ttl_ms": self.settings.lease_ttl_ms,
             "inflight_at_kill": inflight,
+            # messages waiting in the partition queues just before the kill, and when the last
+            # victim partition was served (or at the 30 s deadline): did the workers keep up?
+            "queued_before_kill": queued_before,
+            "queued_when_served": queued_after,
             "load_rate_asked": load_rate,
             "load_rate_achieved": loaded.achieved if loaded else 0.0,
             "load_behind_s": loaded.behind_s if loaded else 0.0,
