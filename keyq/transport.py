@@ -9,8 +9,10 @@
    AND records it in ``unacked``/``unacked_index`` in one atomic step, so a dead owner's message
    is always found by the next owner's restore. Lua cannot block, so an idle worker waits with
    BRPOP on small "wake" lists that this transport's producers push beside every message (at
-   most one token each); a missed token only costs the BRPOP timeout, after which it fetches
-   anyway.
+   most one token each). A message published without one (plain Celery, another language) is
+   found at the next tick: a thread of the channel pushes a token on the channel's own wake
+   list every BRPOP_TIMEOUT_S (50 ms). A BRPOP timeout alone would not do: Redis ends blocking
+   waits at its own cron tick (``hz`` 10: 100 ms), so a 50 ms timeout took 100 ms.
 2. Undeliverable partition messages go back to the HEAD. When a consumer stops consuming a
    queue while a fetch that names it is in flight, stock kombu "requeues the undeliverable
    message" at the TAIL, behind newer messages of the same keys. For keyq's partition queues
@@ -36,10 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import uuid
 from queue import Empty
 from time import monotonic
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -65,6 +70,7 @@ WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idl
 MAX_DEPTH_OPTION = "keyq_max_queue_depth"  # transport option: refuse publishes past this depth
 MIN_REPLICAS_OPTION = "keyq_min_replicas"  # ... a partition publish WAITs for this many replicas
 REPLICA_TIMEOUT_OPTION = "keyq_replica_timeout_ms"  # ... for at most this long
+TICK_OPTION = "keyq_wake_tick_s"  # transport option: how often an idle consumer looks (tests)
 
 
 def wake_key(queue_key: str) -> str:
@@ -101,6 +107,37 @@ class QoS(kombu_redis.QoS):
         super().append(message, delivery_tag)
 
 
+TICK_FALLBACK_S = 1.0  # the wake BRPOP's own timeout: the ticker, not Redis, paces the waits
+TICK_TTL_MS = 2000  # a dead channel's tick list goes away by itself
+
+
+class _Ticker:
+    """Pushes a token on a channel's own wake list every `period` seconds, on its own
+    connection, so an idle consumer looks at its queues that often whatever Redis's hz."""
+
+    def __init__(self, pool: Any, key: str, period: float) -> None:
+        self.key = key
+        self._client = redis.Redis(connection_pool=pool)
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keyq-wake-tick", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.lpush(self.key, 1)
+                pipe.ltrim(self.key, 0, 0)
+                pipe.pexpire(self.key, TICK_TTL_MS)
+                pipe.execute()
+            except redis.RedisError:  # the broker is away: the consumer's own wait falls back
+                self._stop.wait(TICK_FALLBACK_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Channel(kombu_redis.Channel):
     """Fetches atomically into ``unacked``; producers leave a wake token beside each message."""
 
@@ -110,6 +147,7 @@ class Channel(kombu_redis.Channel):
     _keyq_waiting = False  # the command in flight is the wake BRPOP
     _keyq_sha: str | None = None
     _keyq_publish: Any = None  # the publish script, registered on first use
+    _keyq_ticker: _Ticker | None = None  # started with the first wait
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
@@ -210,13 +248,32 @@ class Channel(kombu_redis.Channel):
             ]
             self._keyq_waiting = False
         else:
-            command = ["BRPOP", *(wake_key(k) for k in keys), timeout or 0]
+            tick = self._keyq_tick_key()
+            wait = max(timeout or 0, TICK_FALLBACK_S)
+            command = ["BRPOP", *(wake_key(k) for k in keys), tick, wait]
             self._keyq_waiting = True
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         if self.global_keyprefix:
             command = self.client._prefix_args(command)
         self.client.connection.send_command(*command)
+
+    def _keyq_tick_key(self) -> str:
+        """This channel's own wake list (unprefixed, as the BRPOP's other keys), its ticker
+        started on first use."""
+        if self._keyq_ticker is None:
+            key = f"keyq.tick.{uuid.uuid4().hex}"
+            period = float(self.connection.client.transport_options.get(
+                TICK_OPTION, BRPOP_TIMEOUT_S
+            ))
+            self._keyq_ticker = _Ticker(self.pool, (self.global_keyprefix or "") + key, period)
+            self._keyq_tick_name = key
+        return self._keyq_tick_name
+
+    def close(self) -> None:
+        if self._keyq_ticker is not None:
+            self._keyq_ticker.stop()
+        super().close()
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

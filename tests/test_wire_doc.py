@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -143,3 +144,37 @@ def test_plain_celery_and_raw_redis_producers_reach_the_workers(
     got = redis_client.blpop([f"{settings.namespace}:reply:{message_id}"], timeout=15)
     assert got is not None
     assert json.loads(got[1]) == {"ok": True, "reply": 4}
+
+
+def test_an_idle_worker_looks_at_its_queues_on_its_own_tick_not_on_redis_hz(
+    start_worker: WorkerFactory, settings: Settings, redis_url: str
+) -> None:
+    """A message published without a wake token (plain Celery) is found at the idle worker's
+    next look. Redis ends a blocking wait only at its cron tick (hz 10: 100 ms), so the wait's
+    timeout cannot pace the looks: the channel's ticker pushes a token on the channel's own wake
+    list every 50 ms, and the wake BRPOP names that list."""
+    start_worker()
+    time.sleep(0.5)  # idle
+    seen: list[list[str]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as m:
+            for cmd in m.listen():
+                if stop.is_set():
+                    return
+                seen.append(str(cmd["command"]).split())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(1.0)
+    stop.set()
+    redis.Redis.from_url(redis_url).ping()  # wakes the monitor loop
+    watcher.join(5)
+    waits = [c for c in seen if c[0] == "BRPOP" and any(settings.namespace in k for k in c)]
+    assert waits, "the idle worker never waited on its wake lists"
+    ticks = {k for c in waits for k in c if k.startswith("keyq.tick.")}
+    assert len(ticks) == 1, waits[:3]
+    pushes = [c for c in seen if c[:2] == ["LPUSH", next(iter(ticks))]]
+    assert len(pushes) >= 10, f"{len(pushes)} ticks in 1 s (every 50 ms asked)"
+    assert len(waits) >= 10, f"{len(waits)} looks in 1 s"
