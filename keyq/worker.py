@@ -56,6 +56,7 @@ from keyq.timers import TimerPoller
 
 log = logging.getLogger(__name__)
 
+REDELIVERED_IN_BATCH = 1  # a message delivered this often before may still share a batch
 POISON_PER_BATCH = 32  # unreadable messages dead-lettered with one batch, at most
 WATCHDOG_SLACK_S = 5.0  # beyond twice the longest handler limit, before the watchdog acts
 
@@ -226,7 +227,9 @@ class WorkerRuntime(OwnershipHooks):
         lease = self.lease(partition, token)
         raw = json.dumps(message).encode("utf-8")
         trigger = decode_document(message, raw, PARTITION_TASKS, DISPATCH_TASK)
-        alone = trigger.deliveries > 0  # redelivered: applied alone, so poison stays alone
+        # delivered more than once before: applied alone, so a poison pill stays alone (once
+        # before, a takeover's in-flight batch, still goes with others: see drain.lua)
+        alone = trigger.deliveries > REDELIVERED_IN_BATCH
         others = {} if alone else {p: t for p, t in self.ownership.held().items() if p != partition}
         room = 0 if alone else max(0, self.settings.batch_max - len(trigger.envelopes))
         try:

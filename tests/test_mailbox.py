@@ -181,11 +181,13 @@ def test_claim_without_the_lease_returns_the_message_to_the_head_with_a_new_tag(
     assert len(_queue(redis_client, mailbox, 0)) == 2
 
 
-def test_drain_stops_before_a_redelivered_message(
+def test_drain_stops_before_a_message_delivered_more_than_once_before(
     redis_client: redis.Redis, mailbox: Mailbox
 ) -> None:
+    """Delivered once before (a takeover's in-flight batch): still drained with others; twice
+    (its batch died again): it waits at the head, to go alone."""
     q = mailbox.queue(1)
-    for i, extra in enumerate([{}, {}, {DELIVERIES_HEADER: 1}, {}]):
+    for i, extra in enumerate([{}, {DELIVERIES_HEADER: 1}, {DELIVERIES_HEADER: 2}, {}]):
         redis_client.lpush(q, raw(celery_message([{"id": str(i)}], f"t{i}", **extra)))
     lease = _lease(redis_client, mailbox, 1, "me|1")
     got = mailbox.drain(1, lease, 10)
@@ -193,7 +195,7 @@ def test_drain_stops_before_a_redelivered_message(
         ({"id": "0"},),
         ({"id": "1"},),
     ]
-    assert redis_client.llen(q) == 2  # the redelivered one waits at the head, to go alone
+    assert redis_client.llen(q) == 2  # the twice-redelivered one waits at the head
     assert mailbox.drain(1, (lease[0], "someone-else|9"), 10) is None
 
 
@@ -203,7 +205,7 @@ def test_claim_batch_claims_drains_takes_poison_and_finds_waiting_queues_in_one_
     """The batch's first round trip: the delivered message claimed, its queue drained up to a
     redelivered one, its poison list taken, the other held queues that wait reported."""
     q = mailbox.queue(1)
-    for i, extra in enumerate([{}, {}, {DELIVERIES_HEADER: 1}]):
+    for i, extra in enumerate([{}, {}, {DELIVERIES_HEADER: 2}]):
         redis_client.lpush(q, raw(celery_message([{"id": str(i)}], f"t{i}", **extra)))
     redis_client.lpush(poison_key(q), b"not json")
     redis_client.lpush(mailbox.queue(3), b"x", b"y")
