@@ -17,7 +17,8 @@ already took the message out of ``unacked``, so an old owner's late ack can neve
 owner's record of the same message. Every message put back at the head gets a new delivery tag
 for the same reason, and a delivery count in its headers (``keyq-deliveries``): a message that
 keeps failing (a poison pill that kills the process, a batch that keeps raising) is applied alone
-from its first redelivery on, and dead-lettered once it reaches ``KEYQ_MAX_DELIVERIES``.
+from its second redelivery on (once redelivered, as after a takeover, it still shares a batch
+with others redelivered at most once), and dead-lettered once it reaches ``KEYQ_MAX_DELIVERIES``.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ class Mailbox:
 
     def drain(self, partition: int, lease: Lease, room: int) -> list[bytes] | None:
         """Move up to room more messages from the queue head into the in-flight list, stopping
-        before a redelivered one (it is applied alone). None: the lease is not ours."""
+        before one redelivered more than once (it is applied alone). None: not our lease."""
         out: list[bytes] = []
         while len(out) < room:
             step = min(DRAIN_STEP, room - len(out))
