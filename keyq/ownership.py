@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEATS_PER_TTL = 8  # renewals within one TTL: a node must stall 7/8 TTL to lose a lease
 TICKS_PER_TTL = 10  # ownership ticks within one TTL: a free lease is claimed this fast
+HEARTBEAT_LOG_EVERY_S = 5.0  # a failing heartbeat logs this seldom (it beats every TTL / 8)
 EXIT_STALLED = 70  # the watchdog's exit code: the consumer loop stopped making progress
 
 
@@ -202,6 +203,7 @@ class PartitionOwnership:
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.lease_ttl_s / HEARTBEATS_PER_TTL
+        failures, last_logged = 0, float("-inf")  # while Redis is away: one line per 5 s
         while not self._stopping:
             started = time.monotonic()
             stalled = self.hooks.stalled()
@@ -212,9 +214,21 @@ class PartitionOwnership:
                 os._exit(EXIT_STALLED)
             try:
                 self.heartbeat()
+                if failures:
+                    log.warning(
+                        "keyq heartbeat works again node=%s after %d failure(s)",
+                        self.node_id, failures,
+                    )
+                    failures, last_logged = 0, float("-inf")
                 self.hooks.observe(self.held())
             except redis.RedisError as e:
-                log.error("keyq heartbeat failed node=%s error=%s", self.node_id, e)
+                failures += 1
+                if time.monotonic() - last_logged >= HEARTBEAT_LOG_EVERY_S:
+                    last_logged = time.monotonic()
+                    log.error(
+                        "keyq heartbeat failed node=%s failures=%d error=%s",
+                        self.node_id, failures, e,
+                    )
             self._wake.wait(max(0.0, interval - (time.monotonic() - started)))
 
     # --- consumer loop ---------------------------------------------------------------------

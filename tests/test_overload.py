@@ -18,7 +18,12 @@ from keyq.repo import Repo
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
 
-pytestmark = pytest.mark.integration
+# Redis memory and the producers' refusals do not depend on the Repo: PostgreSQL only (the
+# 60 s-equivalent load run is the longest test of the suite)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
+]
 
 
 def seen(repo: Repo, entity: str, key: str) -> list[Any]:
