@@ -21,6 +21,7 @@ VISIBILITY_TIMEOUT_S = 6 * 3600  # kombu's own restore stays out of the way; key
 # published without a token (plain Celery, another language) is noticed within this. A handoff
 # waits it out before releasing a lease (keyq.mailbox.HANDOFF_GRACE_S).
 BRPOP_TIMEOUT_S = 0.05
+TICK_OPTION = "keyq_wake_tick_s"  # transport option: a worker's idle consumer looks this often
 TRANSPORT = "keyq.transport:Transport"  # kombu's Redis transport with keyq's atomic fetch ...
 SENTINEL_TRANSPORT = "keyq.transport:SentinelTransport"  # ... and the same on Redis Sentinel
 BROKER_CONSUMER = "keyq.broker_consumer:Consumer"  # the worker's consumer (loaded by workers only)

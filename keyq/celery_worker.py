@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker.request import Request
 
-from keyq.celery_app import DISPATCH_TASK, make_app
+from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK, TICK_OPTION, make_app
 from keyq.ownership import TICKS_PER_TTL, new_node_id
 from keyq.settings import Settings
 from keyq.worker import WorkerRuntime
@@ -72,6 +72,11 @@ def build_worker_app(
 ) -> tuple[Celery, str]:
     """A Celery app with keyq's task and bootstep installed, and this node's id."""
     app = make_app(settings)
+    # its consumer looks at its queues every BRPOP_TIMEOUT_S (keyq.transport's ticker)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        TICK_OPTION: BRPOP_TIMEOUT_S,
+    }
     node = node_id or new_node_id()
     holder: dict[str, WorkerRuntime] = {}
 

@@ -51,7 +51,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
-from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK
+from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK, TICK_OPTION
 from keyq.connections import SENTINEL_DEFAULT_PORT
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
@@ -70,7 +70,6 @@ WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idl
 MAX_DEPTH_OPTION = "keyq_max_queue_depth"  # transport option: refuse publishes past this depth
 MIN_REPLICAS_OPTION = "keyq_min_replicas"  # ... a partition publish WAITs for this many replicas
 REPLICA_TIMEOUT_OPTION = "keyq_replica_timeout_ms"  # ... for at most this long
-TICK_OPTION = "keyq_wake_tick_s"  # transport option: how often an idle consumer looks (tests)
 
 
 def wake_key(queue_key: str) -> str:
@@ -109,22 +108,32 @@ class QoS(kombu_redis.QoS):
 
 TICK_FALLBACK_S = 1.0  # the wake BRPOP's own timeout: the ticker, not Redis, paces the waits
 TICK_TTL_MS = 2000  # a dead channel's tick list goes away by itself
+TICK_ABANDONED_S = 5.0  # a ticker whose channel has not waited this long ends
 
 
 class _Ticker:
     """Pushes a token on a channel's own wake list every `period` seconds, on its own
-    connection, so an idle consumer looks at its queues that often whatever Redis's hz."""
+    connection, so an idle consumer looks at its queues that often whatever Redis's hz. It
+    ends by itself once the channel has not waited for TICK_ABANDONED_S (a channel dropped
+    without close()); the channel starts a new one at its next wait."""
 
     def __init__(self, pool: Any, key: str, period: float) -> None:
         self.key = key
         self._client = redis.Redis(connection_pool=pool)
         self._period = period
         self._stop = threading.Event()
+        self.last_wait = monotonic()  # the channel's last wake wait (set by it)
         self._thread = threading.Thread(target=self._run, name="keyq-wake-tick", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def _run(self) -> None:
         while not self._stop.wait(self._period):
+            if monotonic() - self.last_wait > TICK_ABANDONED_S:
+                break
             try:
                 pipe = self._client.pipeline(transaction=False)
                 pipe.lpush(self.key, 1)
@@ -133,6 +142,9 @@ class _Ticker:
                 pipe.execute()
             except redis.RedisError:  # the broker is away: the consumer's own wait falls back
                 self._stop.wait(TICK_FALLBACK_S)
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            self._client.delete(self.key)
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,9 +260,12 @@ class Channel(kombu_redis.Channel):
             ]
             self._keyq_waiting = False
         else:
-            tick = self._keyq_tick_key()
-            wait = max(timeout or 0, TICK_FALLBACK_S)
-            command = ["BRPOP", *(wake_key(k) for k in keys), tick, wait]
+            period = float(self.connection.client.transport_options.get(TICK_OPTION) or 0)
+            if period > 0:  # a worker's consumer: its ticker paces the looks
+                tick = self._keyq_tick_key(period)
+                command = ["BRPOP", *(wake_key(k) for k in keys), tick, TICK_FALLBACK_S]
+            else:  # a short-lived consumer (control replies): the wait's own timeout
+                command = ["BRPOP", *(wake_key(k) for k in keys), timeout or 0]
             self._keyq_waiting = True
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
@@ -258,16 +273,15 @@ class Channel(kombu_redis.Channel):
             command = self.client._prefix_args(command)
         self.client.connection.send_command(*command)
 
-    def _keyq_tick_key(self) -> str:
+    def _keyq_tick_key(self, period: float) -> str:
         """This channel's own wake list (unprefixed, as the BRPOP's other keys), its ticker
         started on first use."""
-        if self._keyq_ticker is None:
+        ticker = self._keyq_ticker
+        if ticker is None or not ticker.running:
             key = f"keyq.tick.{uuid.uuid4().hex}"
-            period = float(self.connection.client.transport_options.get(
-                TICK_OPTION, BRPOP_TIMEOUT_S
-            ))
-            self._keyq_ticker = _Ticker(self.pool, (self.global_keyprefix or "") + key, period)
-            self._keyq_tick_name = key
+            ticker = _Ticker(self.pool, (self.global_keyprefix or "") + key, period)
+            self._keyq_ticker, self._keyq_tick_name = ticker, key
+        ticker.last_wait = monotonic()
         return self._keyq_tick_name
 
     def close(self) -> None:
