@@ -238,6 +238,7 @@ class Claimed:
     drained: list[bytes]  # more of the queue, behind the claimed message
     poison: list[bytes]  # what the fetch could not read, to be dead-lettered with the batch
     waiting: dict[int, int]  # other held partitions whose queues hold messages: their lengths
+    share: int = 0  # the part of the batch's room this partition's queue may fill
 
 
 class Mailbox:
@@ -290,10 +291,10 @@ class Mailbox:
         poison_room: int,
         others: Sequence[int],
     ) -> Claimed:
-        """claim, then (if claimed) drain up to `room` more (0: the message is applied alone),
-        take up to `poison_room` of the poison list and ask which of `others` wait: the four
-        steps of a batch's start in one script, one round trip. A queue longer than one drain
-        step is drained on by ``drain``."""
+        """claim, then (if claimed) ask which of `others` wait, drain this queue's fair share
+        of `room` (all of it when no other waits; 0: the message is applied alone) and take up
+        to `poison_room` of the poison list: the steps of a batch's start in one script, one
+        round trip. A share longer than one drain step is drained on by ``drain``."""
         tag = str((message.get("properties") or {}).get("delivery_tag", ""))
         raw = json.dumps(message).encode("utf-8")
         queue = self.queue(partition)
@@ -307,17 +308,19 @@ class Mailbox:
                 poison_key(queue),
                 *(self.queue(p) for p in others),
             ],
-            args=[lease[1], tag, raw, redelivered(raw, bump=False), min(room, DRAIN_STEP),
-                  poison_room],
+            args=[lease[1], tag, raw, redelivered(raw, bump=False), room, poison_room,
+                  DRAIN_STEP],
         )
         status = int(reply[0])
         if status != 1:
             return Claimed(status, [], [], {})
-        _, drained, poison, found = reply
+        _, drained, poison, found, share = reply
         waiting = {
             others[int(i) - 1]: int(n) for i, n in zip(found[::2], found[1::2], strict=True)
         }
-        return Claimed(1, [_b(m) for m in drained], [_b(m) for m in poison], waiting)
+        return Claimed(
+            1, [_b(m) for m in drained], [_b(m) for m in poison], waiting, int(share)
+        )
 
     def drain(self, partition: int, lease: Lease, room: int) -> list[bytes] | None:
         """Move up to room more messages from the queue head into the in-flight list, stopping

@@ -25,7 +25,7 @@ from keyq.supervisor import SupervisionPolicy
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite:///keyq.sqlite3"  # the embedded default: a file beside you
 DEFAULT_PARTITIONS = 64  # fixed per deployment; changing it is a migration
-DEFAULT_LEASE_TTL_MS = 800  # a crashed node's partitions are served again within about this
+DEFAULT_LEASE_TTL_MS = 600  # a crashed node's partitions are served again within about this
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # an activation idle this long is passivated
 DEFAULT_MAX_ACTIVATIONS = 10_000  # per worker process, least recently used out first
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024

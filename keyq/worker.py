@@ -306,8 +306,10 @@ class WorkerRuntime(OwnershipHooks):
         long queue, then what waits on the other partitions held here; one commit."""
         self._take(partition, [trigger], batch)
         self._take(partition, [self._decode(m) for m in claimed.drained], batch)
-        if room > len(claimed.drained) == DRAIN_STEP:  # a long queue: drain on
-            more = self.mailbox.drain(partition, batch.leases[partition], room - DRAIN_STEP)
+        if claimed.share > len(claimed.drained) == DRAIN_STEP:  # a long queue: drain on
+            more = self.mailbox.drain(
+                partition, batch.leases[partition], claimed.share - DRAIN_STEP
+            )
             if more is None:
                 self._lost_here(partition, batch.tokens[partition])
                 return
@@ -358,12 +360,16 @@ class WorkerRuntime(OwnershipHooks):
         the other partitions this node holds (each into its own in-flight list, lease checked),
         so a light load spread over many partitions costs one commit, not one per partition."""
         room = self.settings.batch_max - sum(len(r) for r in batch.raws.values())
+        if not waiting or room <= 0:
+            return
+        share = max(1, room // len(waiting))  # each waiting partition moves in this batch
         for p, n in waiting.items():
             if room <= 0:
                 break
             token = held[p]
             if self.ownership.token(p) != token:
                 continue
+            n = min(n, share)
             lease = self.lease(p, token)
             batch.leases[p] = lease
             batch.tokens[p] = token

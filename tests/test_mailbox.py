@@ -219,6 +219,7 @@ def test_claim_batch_claims_drains_takes_poison_and_finds_waiting_queues_in_one_
         ({"id": "1"},),
     ]
     assert got.poison == [b"not json"] and got.waiting == {3: 2}
+    assert got.share == 5  # one other queue waits: this one takes half of the room
     inflight = redis_client.lrange(mailbox.inflight_key(1), 0, -1)
     assert [json.loads(inflight[0]), *inflight[1:]] == [msg, *got.drained, b"not json"]
     assert redis_client.llen(q) == 1  # the redelivered one waits at the head, to go alone

@@ -24,13 +24,13 @@ def _after_commit_with_latency(
     self: WorkerRuntime, outcome: BatchOutcome, *args: Any, **kw: Any
 ) -> None:
     key = os.environ.get(BENCH_LATENCY_KEY)
+    committed_at = time.time()
+    _original(self, outcome, *args, **kw)  # replies first: the hook is not on a call's path
     if key and outcome.sent:
-        committed_at = time.time()
         lines: list[Any] = [
             f"{p} {committed_at:.6f} {committed_at - s:.6f}" for p, s in outcome.sent
         ]
         self.redis.rpush(key, *lines)
-    _original(self, outcome, *args, **kw)
 
 
 if os.environ.get(BENCH_LATENCY_KEY):

@@ -4,20 +4,30 @@
 -- Those scripts are defined above this body as functions of (KEYS, ARGV) (keyq.scripts.compose).
 -- KEYS[1] lease, [2] in-flight list, [3] unacked hash, [4] unacked_index zset, [5] queue,
 -- [6] poison list, [7..] other queues held. ARGV[1] lease value, [2] delivery tag, [3] message,
--- [4] re-tagged message, [5] drain room (0: the message is applied alone), [6] poison room.
--- Returns {claim status} when not claimed, else {1, drained, poison, {index, length, ...}}.
+-- [4] re-tagged message, [5] batch room (0: the message is applied alone), [6] poison room,
+-- [7] most messages one drain step takes.
+-- With other queues waiting, this queue takes only its fair share of the room (the rest is
+-- theirs: keyq.worker drains them into the same batch), so every partition moves in every batch.
+-- Returns {claim status} when not claimed, else {1, drained, poison, {index, length, ...},
+-- share} (share: this queue's part of the room; the worker drains on up to it).
 local status = claim({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]},
                      {ARGV[1], ARGV[2], ARGV[3], ARGV[4]})
 if status ~= 1 then
   return {status}
 end
-local drained = {}
-if tonumber(ARGV[5]) > 0 then
-  drained = drain({KEYS[5], KEYS[2], KEYS[1]}, {ARGV[5], ARGV[1]})
-end
-local poison = drain({KEYS[6], KEYS[2], KEYS[1]}, {ARGV[6], ARGV[1], '1'})
 local others = {}
 for i = 7, #KEYS do
   others[#others + 1] = KEYS[i]
 end
-return {1, drained, poison, nonempty(others, {})}
+local found = nonempty(others, {})
+local room = tonumber(ARGV[5])
+local share = room
+if #found > 0 and room > 0 then
+  share = math.max(1, math.floor(room / (1 + #found / 2)))
+end
+local drained = {}
+if share > 0 then
+  drained = drain({KEYS[5], KEYS[2], KEYS[1]}, {math.min(share, tonumber(ARGV[7])), ARGV[1]})
+end
+local poison = drain({KEYS[6], KEYS[2], KEYS[1]}, {ARGV[6], ARGV[1], '1'})
+return {1, drained, poison, found, share}
