@@ -266,13 +266,16 @@ class Applier:
     ) -> list[_KeyJob]:
         """Run every key of the batches up to its end or its first restart backoff."""
         jobs: list[_KeyJob] = []
+        parsed: list[tuple[int, dict[KeyId, list[Envelope]]]] = []
         for partition, _fence, raws in batches:
             groups = self._parse(partition, raws, outcome, rerouted)
             touched.extend(groups)
-            if not groups:
-                continue
-            self._activate(partition, groups, outcome, keep_trying)
-            timers = self._load_timers(groups, keep_trying)
+            parsed.append((partition, groups))
+        # one query for the activations and one for the timers of every partition's keys
+        self._activate(parsed, outcome, keep_trying)
+        everything = {key_id: envs for _, groups in parsed for key_id, envs in groups.items()}
+        timers = self._load_timers(everything, keep_trying)
+        for partition, groups in parsed:
             for key_id, envs in groups.items():
                 act = self.activations.get(key_id)
                 if act is None:  # evicted by the cap while loading this very batch
@@ -376,14 +379,18 @@ class Applier:
 
     def _activate(
         self,
-        partition: int,
-        groups: dict[KeyId, list[Envelope]],
+        parsed: Sequence[tuple[int, dict[KeyId, list[Envelope]]]],
         outcome: BatchOutcome,
         keep_trying: Callable[[], bool],
     ) -> None:
-        missing = [key_id for key_id in groups if key_id not in self.activations]
+        missing = [
+            (partition, key_id)
+            for partition, groups in parsed
+            for key_id in groups
+            if key_id not in self.activations
+        ]
         if missing:
-            self._load_activations(partition, missing, outcome, keep_trying)
+            self._load_missing(missing, outcome, keep_trying)
 
     def _load_activations(
         self,
@@ -392,11 +399,21 @@ class Applier:
         outcome: BatchOutcome,
         keep_trying: Callable[[], bool],
     ) -> list[Activation]:
+        return self._load_missing([(partition, k) for k in missing], outcome, keep_trying)
+
+    def _load_missing(
+        self,
+        missing: list[tuple[int, KeyId]],
+        outcome: BatchOutcome,
+        keep_trying: Callable[[], bool],
+    ) -> list[Activation]:
+        """Activations of keys (of any partitions of the batch) from one Repo query."""
+        key_ids = [key_id for _, key_id in missing]
         stored = self._retry_repo(
-            lambda: self.repo.load(missing), keep_trying, f"load of {len(missing)} key(s)"
+            lambda: self.repo.load(key_ids), keep_trying, f"load of {len(key_ids)} key(s)"
         )
         made = []
-        for key_id in missing:
+        for partition, key_id in missing:
             act = self._new_activation(partition, key_id, stored.get(key_id))
             outcome.spawned.append(act)
             outcome.evicted.extend(self.activations.put(act))

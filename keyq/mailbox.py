@@ -253,6 +253,7 @@ class Mailbox:
         self._restore = register(broker, "restore")
         self._compare_delete = register(broker, "compare_delete")
         self._claim_batch = register_composed(broker, "claim_batch", "claim", "drain", "nonempty")
+        self._drain_many = register_composed(broker, "drain_many", "drain")
 
     def queue(self, partition: int) -> str:
         return self.settings.queue_name(partition)
@@ -290,11 +291,13 @@ class Mailbox:
         room: int,
         poison_room: int,
         others: Sequence[int],
+        share: bool = False,
     ) -> Claimed:
-        """claim, then (if claimed) ask which of `others` wait, drain this queue's fair share
-        of `room` (all of it when no other waits; 0: the message is applied alone) and take up
-        to `poison_room` of the poison list: the steps of a batch's start in one script, one
-        round trip. A share longer than one drain step is drained on by ``drain``."""
+        """claim, then (if claimed) ask which of `others` wait, drain up to `room` of this
+        queue (with `share`, only its fair share of it when others wait; 0: the message is
+        applied alone) and take up to `poison_room` of the poison list: the steps of a batch's
+        start in one script, one round trip. More than one drain step is drained on by
+        ``drain``."""
         tag = str((message.get("properties") or {}).get("delivery_tag", ""))
         raw = json.dumps(message).encode("utf-8")
         queue = self.queue(partition)
@@ -309,7 +312,7 @@ class Mailbox:
                 *(self.queue(p) for p in others),
             ],
             args=[lease[1], tag, raw, redelivered(raw, bump=False), room, poison_room,
-                  DRAIN_STEP],
+                  DRAIN_STEP, "1" if share else "0"],
         )
         status = int(reply[0])
         if status != 1:
@@ -321,6 +324,25 @@ class Mailbox:
         return Claimed(
             1, [_b(m) for m in drained], [_b(m) for m in poison], waiting, int(share)
         )
+
+    def drain_many(
+        self, wanted: Sequence[tuple[int, Lease, int]]
+    ) -> dict[int, list[bytes] | None]:
+        """``drain`` of several partitions, (partition, lease, count) each, in one round trip
+        (the counts together are at most a batch); None for a partition whose lease is not
+        ours."""
+        if not wanted:
+            return {}
+        keys: list[str] = []
+        args: list[object] = []
+        for partition, lease, count in wanted:
+            keys += [self.queue(partition), self.inflight_key(partition), lease[0]]
+            args += [count, lease[1]]
+        replies = self._drain_many(keys=keys, args=args)
+        return {
+            p: None if got == -1 else [_b(m) for m in got]
+            for (p, _, _), got in zip(wanted, replies, strict=True)
+        }
 
     def drain(self, partition: int, lease: Lease, room: int) -> list[bytes] | None:
         """Move up to room more messages from the queue head into the in-flight list, stopping

@@ -111,6 +111,7 @@ class WorkerRuntime(OwnershipHooks):
         self.repo_health = RepoHealth(settings.repo_handoff_s, self.repo.ping)
         self.applier.repo_health = self.repo_health
         self._batch_pulse: float | None = None  # last progress of the batch running, if any
+        self._unserved: set[int] = set()  # claimed partitions no batch has served yet
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
         self.applier.timer_clock = self.timers.clock.now  # handlers' now: the database's clock
@@ -159,6 +160,7 @@ class WorkerRuntime(OwnershipHooks):
         except RepoError:
             self.repo_health.failed()  # the claim is released; enough of them: step back
             raise
+        self._unserved.add(partition)  # its first batch comes before the others' next ones
         restored = self.mailbox.restore(partition)
         if restored:
             log.info(
@@ -190,6 +192,7 @@ class WorkerRuntime(OwnershipHooks):
         observer.observe(held)
 
     def forget(self, partition: int) -> None:
+        self._unserved.discard(partition)
         gone = self.activations.drop_partition(partition)
         for act in gone:
             self._on_passivate(act)
@@ -232,9 +235,12 @@ class WorkerRuntime(OwnershipHooks):
         alone = trigger.deliveries > REDELIVERED_IN_BATCH
         others = {} if alone else {p: t for p, t in self.ownership.held().items() if p != partition}
         room = 0 if alone else max(0, self.settings.batch_max - len(trigger.envelopes))
+        # partitions just claimed and not served yet (a takeover's backlog): this batch shares
+        # its room with them, so every one of them is served by it (keyq.mailbox.claim_batch)
+        fresh = self._unserved & set(others)
         try:
             claimed = self.mailbox.claim_batch(
-                partition, lease, message, room, POISON_PER_BATCH, list(others)
+                partition, lease, message, room, POISON_PER_BATCH, list(others), bool(fresh)
             )
         except Exception as e:  # Redis down: the unacked record stays for a restore
             log.error(
@@ -262,7 +268,7 @@ class WorkerRuntime(OwnershipHooks):
             batch.alone = trigger
         self._progress()
         try:
-            self._run(partition, trigger, claimed, room, others, batch)
+            self._run(partition, trigger, claimed, others, fresh, batch)
         except RepoDataError as e:
             if batch.alone is None or not self._dead_letter_alone(partition, batch, e):
                 self._abandon(batch, e)
@@ -298,12 +304,13 @@ class WorkerRuntime(OwnershipHooks):
         partition: int,
         trigger: Delivery,
         claimed: Claimed,
-        room: int,
         others: dict[int, int],
+        fresh: set[int],
         batch: _Batch,
     ) -> None:
         """The batch after its first step (Mailbox.claim_batch): what it took, then more of a
         long queue, then what waits on the other partitions held here; one commit."""
+        self._unserved.discard(partition)
         self._take(partition, [trigger], batch)
         self._take(partition, [self._decode(m) for m in claimed.drained], batch)
         if claimed.share > len(claimed.drained) == DRAIN_STEP:  # a long queue: drain on
@@ -316,7 +323,7 @@ class WorkerRuntime(OwnershipHooks):
             self._take(partition, [self._decode(m) for m in more], batch)
         self._take(partition, [self._decode(m) for m in claimed.poison], batch)
         if others:
-            self._drain_others(batch, claimed.waiting, others)
+            self._drain_others(batch, claimed.waiting, others, fresh)
         self._commit(batch)
 
     def _decode(self, raw: bytes) -> Delivery:
@@ -354,33 +361,40 @@ class WorkerRuntime(OwnershipHooks):
                     )
 
     def _drain_others(
-        self, batch: _Batch, waiting: dict[int, int], held: dict[int, int]
+        self,
+        batch: _Batch,
+        waiting: dict[int, int],
+        held: dict[int, int],
+        fresh: set[int],
     ) -> None:
         """Cross-partition group commit: with room left in the batch, also take what waits in
-        the other partitions this node holds (each into its own in-flight list, lease checked),
-        so a light load spread over many partitions costs one commit, not one per partition."""
+        the other partitions this node holds (each into its own in-flight list, lease checked;
+        all in one round trip), so a light load spread over many partitions costs one commit,
+        not one per partition. While partitions just claimed wait (`fresh`: not served yet),
+        every waiting partition gets an equal share of the room, those first, so a takeover's
+        partitions are all served by one batch; otherwise each fills what room is left, in
+        turn (many messages of a key in one batch: one write for them)."""
         room = self.settings.batch_max - sum(len(r) for r in batch.raws.values())
-        if not waiting or room <= 0:
+        ours = {p: held[p] for p in waiting if self.ownership.token(p) == held[p]}
+        if not ours or room <= 0:
             return
-        share = max(1, room // len(waiting))  # each waiting partition moves in this batch
-        for p, n in waiting.items():
+        order = sorted(ours, key=lambda p: p not in fresh)  # fresh ones first, else as found
+        share = max(1, room // len(order)) if fresh & set(ours) else room
+        wanted: list[tuple[int, Lease, int]] = []
+        for p in order:
             if room <= 0:
                 break
-            token = held[p]
-            if self.ownership.token(p) != token:
-                continue
-            n = min(n, share)
-            lease = self.lease(p, token)
-            batch.leases[p] = lease
-            batch.tokens[p] = token
-            more = self.mailbox.drain(p, lease, min(n, room))
+            n = min(waiting[p], share, room)
+            wanted.append((p, self.lease(p, ours[p]), n))
+            room -= n
+        for p, more in self.mailbox.drain_many(wanted).items():
             if more is None:
-                del batch.leases[p], batch.tokens[p]
-                self._lost_here(p, token)
+                self._lost_here(p, ours[p])
                 continue
-            before = len(batch.raws.get(p, []))
+            batch.leases[p] = self.lease(p, ours[p])
+            batch.tokens[p] = ours[p]
+            self._unserved.discard(p)
             self._take(p, [self._decode(m) for m in more], batch)
-            room -= max(1, len(batch.raws[p]) - before)
 
     def _commit(self, batch: _Batch) -> None:
         parts = list(batch.leases)

@@ -25,11 +25,11 @@ ROUNDS = 12
 # each post-commit write
 FAULT_POINTS = [
     "Mailbox.claim_batch=3",
-    "Mailbox.drain=2",
+    "Mailbox.drain_many=2",
     "Mailbox.settle=2",
     "Applier._parse=2",
     "Applier._run_key=5",
-    "Applier._load_activations=2",
+    "Applier._load_missing=1",
     "Repo.commit=2",
     "StateCache.put_many=2",
     "NameRegistry.register_many=2",

@@ -212,7 +212,7 @@ def test_claim_batch_claims_drains_takes_poison_and_finds_waiting_queues_in_one_
     msg = celery_message([{"id": "a"}], "tag-a")
     _record_unacked(redis_client, msg, q, 1.0)
     lease = _lease(redis_client, mailbox, 1, "me|1")
-    got = mailbox.claim_batch(1, lease, msg, 10, 5, [0, 2, 3])
+    got = mailbox.claim_batch(1, lease, msg, 10, 5, [0, 2, 3], share=True)
     assert got.status == 1
     assert [decode(m, TASKS, DISPATCH_TASK).envelopes for m in got.drained] == [
         ({"id": "0"},),
@@ -234,6 +234,29 @@ def test_claim_batch_claims_drains_takes_poison_and_finds_waiting_queues_in_one_
     stale = mailbox.claim_batch(1, (lease[0], "old|0"), msg3, 10, 5, [3])
     assert (stale.status, stale.drained, stale.poison, stale.waiting) == (0, [], [], {})
     assert redis_client.llen(poison_key(q)) == 1
+    # without sharing (no partition just taken over) the queue may fill the whole room
+    msg4 = celery_message([{"id": "d"}], "tag-d")
+    _record_unacked(redis_client, msg4, q, 0.5)
+    assert mailbox.claim_batch(1, lease, msg4, 10, 5, [3]).share == 10
+
+
+def test_drain_many_drains_several_partitions_in_one_step_under_each_lease(
+    redis_client: redis.Redis, mailbox: Mailbox
+) -> None:
+    for p in (0, 2, 3):
+        for i in range(3):
+            redis_client.lpush(mailbox.queue(p), raw(celery_message([{"id": f"{p}-{i}"}], "t")))
+    mine0 = _lease(redis_client, mailbox, 0, "me|1")
+    mine2 = _lease(redis_client, mailbox, 2, "me|1")
+    theirs3 = _lease(redis_client, mailbox, 3, "other|4")
+    got = mailbox.drain_many([(0, mine0, 2), (2, mine2, 5), (3, (theirs3[0], "me|1"), 2)])
+    ids = {
+        p: None if ms is None else [decode(m, TASKS, DISPATCH_TASK).envelopes[0]["id"] for m in ms]
+        for p, ms in got.items()
+    }
+    assert ids == {0: ["0-0", "0-1"], 2: ["2-0", "2-1", "2-2"], 3: None}
+    assert redis_client.llen(mailbox.inflight_key(0)) == 2
+    assert redis_client.llen(mailbox.queue(3)) == 3  # not our lease: untouched
 
 
 def test_requeue_puts_the_batch_back_in_order_with_counts_up(

@@ -5,9 +5,9 @@
 -- KEYS[1] lease, [2] in-flight list, [3] unacked hash, [4] unacked_index zset, [5] queue,
 -- [6] poison list, [7..] other queues held. ARGV[1] lease value, [2] delivery tag, [3] message,
 -- [4] re-tagged message, [5] batch room (0: the message is applied alone), [6] poison room,
--- [7] most messages one drain step takes.
--- With other queues waiting, this queue takes only its fair share of the room (the rest is
--- theirs: keyq.worker drains them into the same batch), so every partition moves in every batch.
+-- [7] most messages one drain step takes, [8] '1': share the room (partitions just taken over
+-- wait among the others: this queue takes only its fair share, the rest is theirs, drained by
+-- keyq.worker into the same batch, so every one of them moves in this batch).
 -- Returns {claim status} when not claimed, else {1, drained, poison, {index, length, ...},
 -- share} (share: this queue's part of the room; the worker drains on up to it).
 local status = claim({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]},
@@ -22,7 +22,7 @@ end
 local found = nonempty(others, {})
 local room = tonumber(ARGV[5])
 local share = room
-if #found > 0 and room > 0 then
+if ARGV[8] == '1' and #found > 0 and room > 0 then
   share = math.max(1, math.floor(room / (1 + #found / 2)))
 end
 local drained = {}
