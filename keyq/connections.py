@@ -267,7 +267,14 @@ def engine_options(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> dict[str,
         ),
     }
     if statement_ms:
-        connect_args["options"] = f"-c statement_timeout={statement_ms}"
+        # a client that hangs inside a transaction (a cut link, a stopped process) keeps its
+        # row locks (the partition's fence row) until the server ends its session: the server
+        # does so after this long idle in a transaction, or the next owner's commits of that
+        # partition wait on the lock for as long as the dead peer's TCP connection lives
+        connect_args["options"] = (
+            f"-c statement_timeout={statement_ms} "
+            f"-c idle_in_transaction_session_timeout={statement_ms}"
+        )
     install_database_wait_limit()
     return {"connect_args": connect_args, "pool_timeout": timeouts.database_connect_s}
 

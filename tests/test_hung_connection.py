@@ -198,8 +198,12 @@ def test_hung_database_connections_are_given_up_and_the_node_serves_on(
     + connect timeout + 2 s (keyq.connections' wait limit), the pool opens a new one, and the
     node applies its partitions' messages again within that limit + slack."""
     statement_s, connect_s = 2.0, 1.0
+    # each hung pooled connection costs one wait limit: past KEYQ_REPO_HANDOFF_S of them in a
+    # row the node would hand its partitions on (the test below): here it must serve on itself
     base = settings.with_(
-        database_statement_timeout_s=statement_s, database_connect_timeout_s=connect_s
+        database_statement_timeout_s=statement_s,
+        database_connect_timeout_s=connect_s,
+        repo_handoff_s=60.0,
     )
     db = settings.database_url.rsplit("/", 1)[1]
     hung_settings = base.with_(database_url=pg_proxy.url("postgresql", f"/{db}", "postgres"))

@@ -117,7 +117,9 @@ def test_database_engines_carry_connect_and_statement_limits() -> None:
     timeouts = Timeouts(database_connect_s=3.0, database_statement_s=12.5)
     pg = engine_options("postgresql+psycopg2://u@h/db", timeouts)["connect_args"]
     assert pg["connect_timeout"] == 3
-    assert pg["options"] == "-c statement_timeout=12500"
+    assert pg["options"] == (
+        "-c statement_timeout=12500 -c idle_in_transaction_session_timeout=12500"
+    )
     assert pg["keepalives"] == 1 and pg["tcp_user_timeout"] > 0
     assert "options" not in engine_options("postgresql://u@h/db", Timeouts(database_statement_s=0))[
         "connect_args"
@@ -135,6 +137,9 @@ def test_postgres_statement_timeout_is_applied(pg_database_url: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "500ms"
+            # a client hung inside a transaction must not hold its locks for longer
+            idle = conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar()
+            assert idle == "500ms"
             with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
                 conn.execute(sa.text("SELECT pg_sleep(3)"))
     finally:
