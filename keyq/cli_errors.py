@@ -10,6 +10,7 @@ with the code the README documents. ``KEYQ_DEBUG=1`` adds the traceback above th
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -75,11 +76,17 @@ def _database_url() -> str:
 
 
 def one_line(text: str) -> str:
-    """The message on one line, without SQLAlchemy's statement and documentation lines."""
+    """The message on one line, without SQLAlchemy's statement and documentation lines, and
+    without the client object redis-py's Sentinel errors print ("No master found for 'm' :
+    <redis.client.Redis(<...ConnectionPool(...)>)>")."""
     cut = [i for i in (text.find("\n" + m) for m in _NOISE_PREFIXES) if i >= 0]
     if cut:
         text = text[: min(cut)]
+    text = _CLIENT_REPR.sub("", text)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+_CLIENT_REPR = re.compile(r" : <redis\.[A-Za-z.]+\(.*\)>")
 
 
 def scrub(text: str) -> str:

@@ -403,3 +403,20 @@ def test_a_named_worker_shows_its_name_and_can_restart_under_it(
     for before, after in itertools.pairwise(runs):
         # a restarted node never adopts its previous run's lease: every token is new
         assert all(after[p] > before[p] for p in before), (before, after)
+
+
+def test_a_sentinel_error_is_one_readable_line_without_the_client_object() -> None:
+    """redis-py's MasterNotFoundError prints the whole client (pool, connection, every
+    option); the CLI line keeps what went wrong."""
+    from keyq.cli_errors import one_line
+
+    text = (
+        "Redis at sentinel://127.0.0.1:26399 is not answering: No master found for 'm' : "
+        "<redis.client.Redis(<redis.connection.ConnectionPool(<redis.connection.Connection("
+        "db=0,password=<REDACTED>,host=127.0.0.1,port=26399,opts=<object object at 0x7f>)>)>)>"
+        " - network:ConnectionError"
+    )
+    assert one_line(text) == (
+        "Redis at sentinel://127.0.0.1:26399 is not answering: No master found for 'm'"
+        " - network:ConnectionError"
+    )
