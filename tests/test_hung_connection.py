@@ -205,9 +205,7 @@ def test_hung_database_connections_are_given_up_and_the_node_serves_on(
         database_connect_timeout_s=connect_s,
         repo_handoff_s=60.0,
     )
-    db = settings.database_url.rsplit("/", 1)[1]
-    hung_settings = base.with_(database_url=pg_proxy.url("postgresql", f"/{db}", "postgres"))
-    node, _, parts = two_nodes(start_worker, redis_client, base, hung_settings)
+    node, _, parts = two_nodes(start_worker, redis_client, base, proxied_database(base, pg_proxy))
     probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
     load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
     try:
@@ -226,6 +224,12 @@ def test_hung_database_connections_are_given_up_and_the_node_serves_on(
     assert served_s < bound, f"served again after {served_s:.1f}s, bound {bound:.1f}s"
     load.wait_complete()
     assert repo.dead_letters() == []
+
+
+def proxied_database(base: Settings, proxy: TcpProxy) -> Settings:
+    """The same settings with PostgreSQL reached through the proxy."""
+    db = base.database_url.rsplit("/", 1)[1]
+    return base.with_(database_url=proxy.url("postgresql", f"/{db}", "postgres"))
 
 
 def proxied_redis(base: Settings, proxy: TcpProxy) -> Settings:
@@ -413,9 +417,9 @@ def test_a_node_that_loses_its_database_hands_its_partitions_to_the_others(
         database_connect_timeout_s=connect_s,
         repo_handoff_s=handoff_s,
     )
-    db = settings.database_url.rsplit("/", 1)[1]
-    cut_settings = base.with_(database_url=pg_proxy.url("postgresql", f"/{db}", "postgres"))
-    node, survivor, parts = two_nodes(start_worker, redis_client, base, cut_settings)
+    node, survivor, parts = two_nodes(
+        start_worker, redis_client, base, proxied_database(base, pg_proxy)
+    )
     probe_key = keys_in_partition(parts[0], base, 1, "probe")[0]
     load = Load(client, [f"k{i}" for i in range(KEYS)]).start()
     try:
