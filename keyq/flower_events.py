@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RATE_VARIABLE = "KEYQ_FLOWER_EVENT_RATE"
 DEFAULT_RATE = 200.0  # successful messages per second sent as events before sampling starts
 WINDOW_S = 1.0  # the sampling rate is decided per window of this length
+MIN_ELAPSED_S = 0.01  # a burst's rate is measured over at least this long
 BUFFER_LIMIT = 3000  # events per broker message at most (a batch's events, three a message)
 
 
@@ -68,7 +69,9 @@ def rate_from_env(env: dict[str, str] | None = None) -> float:
 
 
 class Sampler:
-    """Keeps successes under ``rate`` per second: 1 in N, N chosen from the last window."""
+    """Keeps successes under ``rate`` per second: 1 in N, N chosen from the last window, and
+    raised within a window as soon as it has seen more than a second's worth (a burst shorter
+    than a window, such as a backlog drained in half a second, is sampled too)."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -87,6 +90,9 @@ class Sampler:
             self._window_start, self._seen = now, 0
         self._seen += 1
         self._counter += 1
+        if self._seen > self.rate:  # over a second's budget before the window ends
+            per_s = (self._seen - 1) / max(now - self._window_start, MIN_ELAPSED_S)
+            self.every = max(self.every, math.ceil(per_s / self.rate - 1e-9))
         return self._counter % self.every == 0
 
 

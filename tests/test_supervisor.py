@@ -220,6 +220,26 @@ def test_time_limit_interrupts_a_spinning_handler() -> None:
     assert _time.monotonic() - started < 5.0
 
 
+def test_time_limit_is_disarmed_after_the_handler_and_keeps_the_previous_alarm_handler() -> None:
+    import signal as _sig
+    import time as _time
+
+    seen: list[int] = []
+    previous = _sig.signal(_sig.SIGALRM, lambda signum, _frame: seen.append(signum))
+    try:
+        for _ in range(3):
+            with time_limit(0.05, "quick"):
+                pass  # finished in time: nothing may fire later
+        _time.sleep(0.15)
+        assert seen == []
+        _sig.setitimer(_sig.ITIMER_REAL, 0.01)  # someone else's alarm, no limit armed
+        _time.sleep(0.1)
+        assert seen == [_sig.SIGALRM]
+    finally:
+        _sig.setitimer(_sig.ITIMER_REAL, 0)
+        _sig.signal(_sig.SIGALRM, previous)
+
+
 def test_other_keys_of_a_batch_commit_and_reply_while_one_key_backs_off(
     start_worker: WorkerFactory,
     sup_settings: Settings,
