@@ -177,7 +177,7 @@ class Client:
         pause = OVERLOAD_RETRY_MIN_S
         while True:
             try:
-                self.publish([env])
+                self.publisher.publish([env])  # one envelope: one partition, no check needed
                 return
             except OverloadedError:
                 remaining = deadline - time.monotonic()
@@ -239,9 +239,7 @@ class Client:
             raise ValidationError(
                 f"call timeout must be a positive number of seconds, got {timeout}"
             )
-        env = self.envelope(
-            entity, key, op, payload, reply=True, idempotency_key=idempotency_key
-        )
+        env = self.envelope(entity, key, op, payload, reply=True, idempotency_key=idempotency_key)
         reply_key = self.settings.redis_key("reply", env.id)
         self._publish_waiting(env, wait)
         try:

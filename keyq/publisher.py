@@ -24,13 +24,14 @@ the message; fewer within KEYQ_PUBLISH_REPLICA_TIMEOUT_MS raises NotReplicatedEr
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import redis
@@ -45,6 +46,21 @@ WAKE_SUFFIX = ":wake"  # beside each queue: the one-token list that wakes idle c
 PUBLISH_TRIES = 3  # a send is tried this often while the broker connection fails ...
 PUBLISH_RETRY_S = (0.1, 0.3)  # ... waiting this long between tries
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # Celery's 3rd arg
+COMMAND_CACHE_SIZE = 4096  # packed command heads kept per publisher (one per queue and limit)
+
+# The body Celery writes, json.dumps([[wires], {}, EMBED]), around the encoded wires: json.dumps
+# is compositional, so only the wires are encoded per message
+_BODY_HEAD = "[["
+_BODY_TAIL = "], {}, " + json.dumps(EMBED) + "]"
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}  # RFC 4122 variant digit
+
+
+def uuid4_text() -> str:
+    """str(uuid.uuid4())'s text (version 4, RFC 4122 variant, 122 random bits) without building a
+    UUID object, for Celery's task ids and kombu's delivery tags (the key of a message in the
+    unacked hash, so unique per message)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def wake_key(queue: str) -> str:
@@ -101,14 +117,15 @@ class MessageBuilder:
         if encoded is None:
             encoded = _Encoded(*self._template())
             self._local.encoded = encoded
-        body = json.dumps([[list(wires)], {}, EMBED])
+        body = _BODY_HEAD + json.dumps(wires if isinstance(wires, list) else list(wires))
+        body_b64 = binascii.b2a_base64((body + _BODY_TAIL).encode("utf-8"), newline=False)
         extra = json.dumps(extra_headers)[1:-1] + ", " if extra_headers else ""
         return encoded.text(
-            base64.b64encode(body.encode("utf-8")).decode("ascii"),
-            task_id or str(uuid.uuid4()),
+            body_b64.decode("ascii"),
+            task_id or uuid4_text(),
             argsrepr(wires),
             queue,
-            str(uuid.uuid4()),
+            uuid4_text(),
             extra,
         )
 
@@ -122,7 +139,7 @@ class MessageBuilder:
         """kombu's Redis message (a JSON object) of one keyq.dispatch carrying envelopes
         (their wire form)."""
         headers, properties = self._template()
-        task_id = task_id or str(uuid.uuid4())
+        task_id = task_id or uuid4_text()
         body = json.dumps([[list(wires)], {}, EMBED])
         return {
             "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
@@ -139,7 +156,7 @@ class MessageBuilder:
                 **properties,
                 "correlation_id": task_id,
                 "delivery_info": {"exchange": "", "routing_key": queue},
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": uuid4_text(),
             },
         }
 
@@ -161,14 +178,16 @@ class _Encoded:
     def text(
         self, body_b64: str, task_id: str, shown: str, queue: str, tag: str, extra: str
     ) -> str:
-        tid = json.dumps(task_id)
+        tid = encode_basestring_ascii(task_id)  # json.dumps of a str, without its dispatch
         return (
             f'{{"body": "{body_b64}", "content-encoding": "utf-8", '
             f'"content-type": "application/json", '
-            f'"headers": {{"id": {tid}, "root_id": {tid}, "argsrepr": {json.dumps(shown)}, '
+            f'"headers": {{"id": {tid}, "root_id": {tid}, '
+            f'"argsrepr": {encode_basestring_ascii(shown)}, '
             f"{extra}{self.headers_tail}, "
             f'"properties": {{"correlation_id": {tid}, '
-            f'"delivery_info": {{"exchange": "", "routing_key": {json.dumps(queue)}}}, '
+            f'"delivery_info": {{"exchange": "", '
+            f'"routing_key": {encode_basestring_ascii(queue)}}}, '
             f'"delivery_tag": "{tag}", {self.properties_tail}}}'
         )
 
@@ -185,6 +204,8 @@ class Publisher:
         self._local = threading.local()  # one broker connection per producing thread
         self._connections: list[Any] = []
         self._lock = threading.Lock()
+        # (script sha, queue, depth limit) -> the packed command around its message
+        self._commands: dict[tuple[bytes, str, int], tuple[bytes, bytes]] = {}
 
     def publish(
         self,
@@ -197,12 +218,17 @@ class Publisher:
         partition is at KEYQ_MAX_QUEUE_DEPTH (depth_limit=False: a worker's own publishes)."""
         if not envelopes:
             return
-        partition = envelopes[0].partition
+        first = envelopes[0]
+        if len(envelopes) == 1:  # a send: its message carries the envelope's id as task id
+            self.publish_raw(
+                first.partition, [first.to_wire()], first.id, depth_limit, extra_headers
+            )
+            return
+        partition = first.partition
         if any(e.partition != partition for e in envelopes):
             raise ValueError("publish() takes envelopes of one partition; use send_many()")
-        task_id = envelopes[0].id if len(envelopes) == 1 else None
         wires = [e.to_wire() for e in envelopes]
-        self.publish_raw(partition, wires, task_id, depth_limit, extra_headers)
+        self.publish_raw(partition, wires, None, depth_limit, extra_headers)
 
     def publish_raw(
         self,
@@ -256,19 +282,10 @@ class Publisher:
         if not self._sha:
             self._sha = self.broker.script_load(lua_source("publish")).encode()
         replicas = self.settings.publish_min_replicas
-        command = _pack(
-            b"EVALSHA",
-            self._sha,
-            b"2",
-            queue.encode(),
-            wake_key(queue).encode(),
-            payload.encode("utf-8", "surrogatepass"),
-            str(limit).encode(),
-        )
-        if replicas:
-            timeout_ms = self.settings.publish_replica_timeout_ms
-            command += _pack(b"WAIT", str(replicas).encode(), str(timeout_ms).encode())
-        conn.send_packed_command(command, check_health=False)
+        head, tail = self._command(queue, limit)
+        message = payload.encode("utf-8", "surrogatepass")
+        command = b"%s$%d\r\n%s%s" % (head, len(message), message, tail)
+        conn.send_packed_command([command], check_health=False)
         try:
             pushed = int(conn.read_response())
         except redis.exceptions.NoScriptError:  # Redis restarted, failed over or flushed scripts
@@ -285,6 +302,24 @@ class Publisher:
                     queue, acked, replicas, self.settings.publish_replica_timeout_ms
                 )
         return pushed
+
+    def _command(self, queue: str, limit: int) -> tuple[bytes, bytes]:
+        """The RESP bytes of EVALSHA publish (and WAIT) before and after the message's own bulk
+        string: per queue and limit they never change, so they are packed once."""
+        cache_key = (self._sha, queue, limit)
+        parts = self._commands.get(cache_key)
+        if parts is None:
+            arguments = (b"EVALSHA", self._sha, b"2", queue.encode(), wake_key(queue).encode())
+            head = b"*7\r\n" + b"".join(map(_bulk, arguments))  # then the message, the limit
+            tail = b"\r\n" + _bulk(str(limit).encode())  # the message's own bulk string ends
+            replicas = self.settings.publish_min_replicas
+            if replicas:
+                timeout_ms = self.settings.publish_replica_timeout_ms
+                tail += _pack(b"WAIT", str(replicas).encode(), str(timeout_ms).encode())[0]
+            if len(self._commands) >= COMMAND_CACHE_SIZE:
+                self._commands.clear()
+            parts = self._commands[cache_key] = (head, tail)
+        return parts
 
     def _drop_connection(self) -> None:
         """Close this thread's connection; the next push opens (and connects) a new one."""
@@ -305,10 +340,11 @@ class Publisher:
 
 def _pack(*parts: bytes) -> list[bytes]:
     """A RESP array of bulk strings (what redis-py's pack_command makes, minus its generality)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return [b"".join(out)]
+    return [b"*%d\r\n" % len(parts) + b"".join(map(_bulk, parts))]
+
+
+def _bulk(part: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(part), part)
 
 
 def not_replicated(queue: str, acked: int, required: int, timeout_ms: int) -> NotReplicatedError:

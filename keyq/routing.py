@@ -3,14 +3,19 @@
 Python's ``hash()`` is salted per process, so it would route one key to different partitions in
 different producers. We digest the UTF-8 key with BLAKE2b (8 bytes) and feed the 64-bit integer to
 Lamping and Veach's jump consistent hash, which moves only 1/n of the keys when n grows.
+
+Every send routes its key and every worker re-checks the partition of each message it applies;
+recently routed keys are remembered (a bounded LRU), so a hot key is hashed once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 _MASK64 = (1 << 64) - 1
 _JUMP_MULTIPLIER = 2862933555777941757  # the LCG constant of the published algorithm
+ROUTE_CACHE_SIZE = 8192  # (key, partitions) -> partition pairs remembered per process
 
 
 def key_digest(key: str) -> int:
@@ -33,6 +38,11 @@ def jump_hash(digest: int, buckets: int) -> int:
 
 def partition_for(key: str, partitions: int) -> int:
     """The partition that owns a key."""
+    return _route(key, partitions)
+
+
+@functools.lru_cache(maxsize=ROUTE_CACHE_SIZE)
+def _route(key: str, partitions: int) -> int:
     return jump_hash(key_digest(key), partitions)
 
 
