@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
@@ -75,6 +75,10 @@ class _Batch:
 
 class WorkerRuntime(OwnershipHooks):
     """Everything one keyq worker process holds, wired together."""
+
+    # more writes for each committed batch's post-commit pipeline (the same round trip as its
+    # cache, replies and settle): the benchmark's latency samples (keyq.bench.latency_hook)
+    post_commit_writers: ClassVar[list[Callable[[Any, BatchOutcome], None]]] = []
 
     def __init__(
         self,
@@ -576,6 +580,8 @@ class WorkerRuntime(OwnershipHooks):
             self.names.release_many(pipe, gone, self.node_id)
             for p in settle:
                 self.mailbox.settle(p, leases[p], pipe=pipe)
+            for write in self.post_commit_writers:
+                write(pipe, outcome)
             pipe.execute()
         except Exception as e:
             # the state is committed; the reconciler repairs the cache, callers time out
@@ -718,6 +724,9 @@ class WorkerRuntime(OwnershipHooks):
             log.error("keyq could not release %d name(s): %s", len(acts), e)
 
     def close(self) -> None:
+        flower = self.__dict__.get("_flower_events")
+        if flower is not None:
+            flower.close()  # what the sending thread still holds goes out first
         if self._producer is not None:
             self._producer.close()
         self.repo.dispose()
