@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from keyq.celery_app import DISPATCH_TASK
-from keyq.envelope import Envelope
+from keyq.envelope import Envelope, random_id
 from keyq.errors import BrokerUnavailableError, NotReplicatedError, OverloadedError
 from keyq.scripts import lua_source, register
 from keyq.settings import Settings, redact_url
@@ -59,7 +59,7 @@ def uuid4_text() -> str:
     """str(uuid.uuid4())'s text (version 4, RFC 4122 variant, 122 random bits) without building a
     UUID object, for Celery's task ids and kombu's delivery tags (the key of a message in the
     unacked hash, so unique per message)."""
-    h = os.urandom(16).hex()
+    h = random_id()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 

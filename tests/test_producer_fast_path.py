@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from keyq.celery_app import make_app
 from keyq.client import Client
-from keyq.envelope import new_message_id
+from keyq.envelope import new_message_id, random_id
 from keyq.publisher import EMBED, Publisher, uuid4_text, wake_key
 from keyq.routing import jump_hash, key_digest, partition_for
 from keyq.settings import Settings
@@ -20,6 +22,28 @@ def test_message_ids_are_32_hex_digits_and_never_repeat() -> None:
     ids = [new_message_id() for _ in range(10_000)]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_threads_never_share_an_id() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: [random_id() for _ in range(5000)], range(8)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids) == 40_000
+
+
+def test_a_forked_child_never_hands_out_its_parents_next_ids() -> None:
+    random_id()  # this thread's ids are cut from the OS's random bytes: the pool is full
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first ids, to the parent
+        os.write(write_end, " ".join(random_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {random_id() for _ in range(10)}
+    assert len(child) == 10 and not child & parent
 
 
 def test_task_ids_and_delivery_tags_are_uuid4_text() -> None:
