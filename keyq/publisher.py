@@ -12,6 +12,8 @@ Celery's ``send_task`` spends most of a send in work keyq does not need per mess
 callbacks, kombu's message assembly. Here the headers and properties are built once per thread
 from Celery's own ``as_task_v2`` and only the per-message fields are filled in; the arguments'
 display form (``argsrepr``, what Flower shows) is a short summary, "entity/key op" and a count.
+The Redis command around the message is packed once per queue, and ids come from a per-thread
+pool of the OS's random bytes: what is left per send is the message's own fields and one write.
 Retries (a lost connection, three tries) and typed errors live here, in one place.
 
 Durable publish (KEYQ_PUBLISH_MIN_REPLICAS=N): Redis replicates asynchronously, so a primary
