@@ -26,6 +26,7 @@ from keyq import metrics
 from keyq.connections import DEFAULT_TIMEOUTS, Timeouts, engine_options
 from keyq.entity import JSON
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
+from keyq.pg_write import GATED_UPSERT, write_in_one_statement
 from keyq.records import (  # re-exported: the Repo's API takes and returns these records
     DeadLetter as DeadLetter,
 )
@@ -58,32 +59,6 @@ state_table = sa.Table(
 # PostgreSQL's commit of a batch: the partitions' fencing tokens recorded (unless the Repo has a
 # newer one) and the keys' states written (unless it has a newer token or version for them), in
 # one statement; the states only if every partition passed. (SQLite: two statements.)
-_GATED_UPSERT = sa.text(
-    """
-WITH gate AS (
-    INSERT INTO keyq_partition AS kp (partition, fence, updated_at)
-    SELECT g.partition, g.fence, :now
-    FROM unnest(CAST(:parts AS integer[]), CAST(:fences AS bigint[])) AS g(partition, fence)
-    ON CONFLICT (partition) DO UPDATE
-        SET fence = EXCLUDED.fence, updated_at = EXCLUDED.updated_at
-        WHERE kp.fence <= EXCLUDED.fence
-    RETURNING kp.partition
-)
-INSERT INTO keyq_state AS ks (entity, key, state, version, fence, recent_ids, active, updated_at)
-SELECT r.entity, r.key, r.state, r.version, r.fence, r.recent_ids, r.active, :now
-FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
-    entity text, key text, state jsonb, version bigint, fence bigint, recent_ids jsonb,
-    active boolean
-)
-WHERE (SELECT count(*) FROM gate) = :nparts
-ON CONFLICT (entity, key) DO UPDATE
-    SET state = EXCLUDED.state, version = EXCLUDED.version, fence = EXCLUDED.fence,
-        recent_ids = EXCLUDED.recent_ids, active = EXCLUDED.active,
-        updated_at = EXCLUDED.updated_at
-    WHERE ks.fence <= EXCLUDED.fence AND ks.version < EXCLUDED.version
-RETURNING ks.entity, ks.key
-"""
-)
 
 partition_table = sa.Table(
     "keyq_partition",
@@ -386,22 +361,23 @@ class Repo:
         self._check_fences(conn, [(partition, fence)])
 
     def _gated_upsert(
-        self, conn: Connection, fences: Sequence[tuple[int, int]], rows: list[dict[str, Any]]
+        self,
+        conn: Connection,
+        fences: Sequence[tuple[int, int]],
+        rows: list[dict[str, Any]],
+        now: datetime,
     ) -> list[Any]:
         """PostgreSQL: record the fences and write the states in ONE statement (one round trip
         less per commit): the states are written only if every partition's token passed (the
         CTE's RETURNING says which); a refused fence shows as rows not written."""
         accepted = conn.execute(
-            _GATED_UPSERT,
+            GATED_UPSERT,
             {
                 "parts": [p for p, _ in fences],
                 "fences": [f for _, f in fences],
                 "nparts": len(fences),
-                "now": rows[0]["updated_at"],
-                "rows": json.dumps(
-                    [{k: v for k, v in r.items() if k != "updated_at"} for r in rows],
-                    separators=(",", ":"),
-                ),
+                "now": now,
+                "rows": json.dumps(rows, separators=(",", ":")),
             },
         ).all()
         if len(accepted) != len(rows):  # which: a fence (then nothing was written) or a key
@@ -468,30 +444,34 @@ class Repo:
         if not writes and not dead_letters and not timers:
             return
         now = _now()
+        gated = bool(writes) and self._dialect == "postgresql"
+        fences = [(p, f) for p, f, _ in fenced]
+        rows = [
+            {
+                "entity": w.entity,
+                "key": w.key,
+                "state": w.state,
+                "version": w.version,
+                "fence": f,  # a key's row carries its own partition's token
+                "recent_ids": w.recent_ids,
+                "active": w.active,
+            }
+            for _, f, ws in fenced
+            for w in ws
+        ]
+        one_statement = gated and not dead_letters and not timers  # states only: no BEGIN
+        if one_statement and write_in_one_statement(self.engine, fences, rows, now):
+            return
         try:
             with self.engine.begin() as conn:
-                gated = writes and self._dialect == "postgresql"
                 if not gated:  # PostgreSQL checks the fences in the write's own statement
-                    self._check_fences(conn, [(p, f) for p, f, _ in fenced])
+                    self._check_fences(conn, fences)
                 if writes:
-                    rows = [
-                        {
-                            "entity": w.entity,
-                            "key": w.key,
-                            "state": w.state,
-                            "version": w.version,
-                            "fence": f,  # a key's row carries its own partition's token
-                            "recent_ids": w.recent_ids,
-                            "active": w.active,
-                            "updated_at": now,
-                        }
-                        for _, f, ws in fenced
-                        for w in ws
-                    ]
                     if gated:
-                        accepted = self._gated_upsert(conn, [(p, f) for p, f, _ in fenced], rows)
+                        accepted = self._gated_upsert(conn, fences, rows, now)
                     else:
-                        accepted = list(conn.execute(self._upsert_stmt, rows).all())
+                        stamped = [{**r, "updated_at": now} for r in rows]
+                        accepted = list(conn.execute(self._upsert_stmt, stamped).all())
                     if len(accepted) != len(rows):
                         got = {(r.entity, r.key) for r in accepted}
                         refused = [
