@@ -23,7 +23,7 @@ from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
 from keyq.context import HandlerContext, TimerFire, running
 from keyq.entity import JSON, EntityRegistry, EntityType
-from keyq.envelope import Envelope, has_nul, parse_envelope
+from keyq.envelope import STRICT_JSON, Envelope, has_nul, parse_envelope
 from keyq.errors import (
     KeyqError,
     MalformedMessageError,
@@ -690,7 +690,7 @@ def _on_activate(entity_type: EntityType, key: str, state: JSON) -> JSON:
 
 def _check_json(value: object, what: str) -> None:
     try:
-        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        encoded = STRICT_JSON.encode(value)
     except (TypeError, ValueError) as e:
         raise TypeError(f"handler returned a {what} that is not JSON: {e}") from e
     if has_nul(encoded):  # PostgreSQL cannot store it: the commit would fail forever

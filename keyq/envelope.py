@@ -133,13 +133,13 @@ def has_nul(encoded_json: str) -> bool:
 
 
 # json.dumps(payload, allow_nan=False, separators=(",", ":")), without building an encoder per call
-_COMPACT_STRICT_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+STRICT_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 def check_payload(payload: object, max_bytes: int) -> int:
     """Refuse what is not plain JSON or too large; return the encoded size."""
     try:
-        encoded = _COMPACT_STRICT_JSON.encode(payload)
+        encoded = STRICT_JSON.encode(payload)
     except (TypeError, ValueError) as e:
         raise InvalidPayloadError(f"payload is not JSON: {e}") from e
     if has_nul(encoded):
@@ -335,7 +335,7 @@ def parse_envelope(raw: object, *, partitions: int, max_key_length: int) -> Enve
         )
     payload = raw.get("payload")
     try:
-        encoded = json.dumps(payload, allow_nan=False)
+        encoded = STRICT_JSON.encode(payload)
     except (TypeError, ValueError) as e:
         raise MalformedMessageError(f"envelope payload is not JSON: {e}") from e
     if has_nul(encoded):

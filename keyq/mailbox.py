@@ -30,7 +30,7 @@ import lzma
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -86,7 +86,7 @@ def poison_key(queue: str) -> str:
 # --- decoding Celery's message format -------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One broker message as the mailbox read it: its envelopes, or why it cannot be applied."""
 
@@ -156,23 +156,28 @@ def decode_document(
     task = headers.get("task")
     message_id = headers.get("id") if isinstance(headers.get("id"), str) else ""
     count = headers.get(DELIVERIES_HEADER, 0)
-    base = Delivery(
+    said = (  # what the message says of itself, kept whatever becomes of it
         data,
-        task=task if isinstance(task, str) else None,
-        message_id=str(message_id)[:128],
-        deliveries=count if isinstance(count, int) and count >= 0 else 0,
-        rerouted=bool(headers.get(REROUTED_HEADER)),
+        task if isinstance(task, str) else None,
+        str(message_id)[:128],
+        count if isinstance(count, int) and count >= 0 else 0,
+        bool(headers.get(REROUTED_HEADER)),
     )
+
+    def refused(problem: str) -> Delivery:
+        raw, task_name, mid, deliveries, rerouted = said
+        return Delivery(raw, (), task_name, mid, deliveries, rerouted, problem)
+
     if not isinstance(props.get("delivery_tag"), str):
-        return replace(base, problem="no delivery tag (kombu message format)")
+        return refused("no delivery tag (kombu message format)")
     if task not in known_tasks:
-        return replace(base, problem=f"unknown task {task!r}")
+        return refused(f"unknown task {task!r}")
     if doc.get("content-type") != JSON_CONTENT_TYPE:
         content_type = doc.get("content-type")
-        return replace(base, problem=f"refused content type {content_type!r} (JSON only)")
+        return refused(f"refused content type {content_type!r} (JSON only)")
     body = doc.get("body")
     if not isinstance(body, str):
-        return replace(base, problem="body is not a string")
+        return refused("body is not a string")
     encoding = props.get("body_encoding")
     try:
         if encoding == "base64":
@@ -180,7 +185,7 @@ def decode_document(
         elif encoding in (None, "utf-8"):
             blob = body.encode("utf-8", "surrogatepass")
         else:
-            return replace(base, problem=f"unknown body encoding {encoding!r}")
+            return refused(f"unknown body encoding {encoding!r}")
         method = headers.get("compression")
         if method:
             blob = _decompress(blob, str(method), limit)
@@ -188,22 +193,21 @@ def decode_document(
             raise ValueError(f"body is larger than {limit} bytes")
         task_body = json.loads(blob)  # Celery's [args, kwargs, embed]
     except (ValueError, TypeError, zlib.error, OSError, lzma.LZMAError, EOFError) as e:
-        return replace(base, problem=f"body cannot be read: {e}")
+        return refused(f"body cannot be read: {e}")
+    raw, task_name, mid, deliveries, rerouted = said
     if task != dispatch_task:
-        return base
+        return Delivery(raw, (), task_name, mid, deliveries, rerouted)
     args = task_body[0] if isinstance(task_body, list) and task_body else None
     if not (isinstance(args, list) and args):
-        return replace(base, problem="keyq.dispatch needs args [[envelope, ...]]")
+        return refused("keyq.dispatch needs args [[envelope, ...]]")
     envelopes = args[0]
     if not isinstance(envelopes, list):
         envelopes = [envelopes]
     if len(envelopes) > MAX_ENVELOPES_PER_MESSAGE:
-        return replace(
-            base,
-            problem=f"{len(envelopes)} envelopes in one message (at most "
-            f"{MAX_ENVELOPES_PER_MESSAGE})",
+        return refused(
+            f"{len(envelopes)} envelopes in one message (at most {MAX_ENVELOPES_PER_MESSAGE})"
         )
-    return replace(base, envelopes=tuple(envelopes))
+    return Delivery(raw, tuple(envelopes), task_name, mid, deliveries, rerouted)
 
 
 def redelivered(raw: bytes | str, bump: bool = True, reroute: bool = False) -> bytes:
