@@ -27,7 +27,6 @@ import base64
 import bz2
 import json
 import lzma
-import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 import redis
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, CACHE_SWEEP_TASK, DISPATCH_TASK, RECONCILE_TASK
+from keyq.publisher import uuid4_text
 from keyq.scripts import register, register_composed
 from keyq.settings import Settings
 
@@ -217,15 +217,22 @@ def redelivered(raw: bytes | str, bump: bool = True, reroute: bool = False) -> b
     doc = read_document(raw)
     if doc is None or not isinstance(doc.get("properties"), dict):
         return _as_bytes(raw)
-    doc["properties"]["delivery_tag"] = str(uuid.uuid4())
+    return redelivered_document(doc, bump, reroute)
+
+
+def redelivered_document(doc: dict[str, Any], bump: bool = True, reroute: bool = False) -> bytes:
+    """``redelivered`` of a message already read (kombu's document, its properties a dict);
+    the document itself is left as it was."""
+    again = {**doc, "properties": {**doc["properties"], "delivery_tag": uuid4_text()}}
     headers = doc.get("headers")
-    if isinstance(headers, dict):
+    if isinstance(headers, dict) and (bump or reroute):
+        headers = again["headers"] = dict(headers)
         if bump:
             count = headers.get(DELIVERIES_HEADER, 0)
             headers[DELIVERIES_HEADER] = (count if isinstance(count, int) else 0) + 1
         if reroute:
             headers[REROUTED_HEADER] = True
-    return json.dumps(doc).encode("utf-8")
+    return json.dumps(again).encode("utf-8")
 
 
 # --- the Redis side -------------------------------------------------------------------------
@@ -296,14 +303,17 @@ class Mailbox:
         poison_room: int,
         others: Sequence[int],
         share: bool = False,
+        raw: bytes | None = None,
     ) -> Claimed:
         """claim, then (if claimed) ask which of `others` wait, drain up to `room` of this
         queue (with `share`, only its fair share of it when others wait; 0: the message is
         applied alone) and take up to `poison_room` of the poison list: the steps of a batch's
         start in one script, one round trip. More than one drain step is drained on by
-        ``drain``."""
-        tag = str((message.get("properties") or {}).get("delivery_tag", ""))
-        raw = json.dumps(message).encode("utf-8")
+        ``drain``. ``raw``: the message's bytes when the caller has them already."""
+        props = message.get("properties")
+        tag = str((props or {}).get("delivery_tag", ""))
+        raw = json.dumps(message).encode("utf-8") if raw is None else raw
+        back = redelivered_document(message, bump=False) if isinstance(props, dict) else raw
         queue = self.queue(partition)
         reply = self._claim_batch(
             keys=[
@@ -315,7 +325,7 @@ class Mailbox:
                 poison_key(queue),
                 *(self.queue(p) for p in others),
             ],
-            args=[lease[1], tag, raw, redelivered(raw, bump=False), room, poison_room,
+            args=[lease[1], tag, raw, back, room, poison_room,
                   DRAIN_STEP, "1" if share else "0"],
         )
         status = int(reply[0])

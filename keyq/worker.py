@@ -244,7 +244,7 @@ class WorkerRuntime(OwnershipHooks):
         fresh = self._unserved & set(others)
         try:
             claimed = self.mailbox.claim_batch(
-                partition, lease, message, room, POISON_PER_BATCH, list(others), bool(fresh)
+                partition, lease, message, room, POISON_PER_BATCH, list(others), bool(fresh), raw
             )
         except Exception as e:  # Redis down: the unacked record stays for a restore
             log.error(
@@ -561,8 +561,8 @@ class WorkerRuntime(OwnershipHooks):
             log.error("keyq could not re-route %d message(s): %s", len(outcome.reroutes), e)
         try:
             pipe = script_pipeline(self.redis)  # its scripts are not looked up every time
-            self.cache.put_many(outcome.cache_entries, pipe=pipe)
-            for message_id, encoded in outcome.replies:
+            self.cache.put_many(outcome.cache_entries, pipe=pipe)  # before the replies: a caller
+            for message_id, encoded in outcome.replies:  # that reads after its reply sees it
                 reply_key = self.settings.redis_key("reply", message_id)
                 pipe.rpush(reply_key, encoded)
                 pipe.pexpire(reply_key, REPLY_TTL_MS)
