@@ -7,6 +7,7 @@ PartitionOwnership in the consumer's event loop and adds or cancels partition qu
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable
 from queue import Empty
@@ -81,6 +82,16 @@ def keyq_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         return None
 
     return on_message
+
+
+def freeze_startup_objects() -> None:
+    """Move everything the worker built while starting (Celery, kombu, SQLAlchemy, the
+    entities: some 200,000 objects) out of the garbage collector's reach. A full collection
+    walked all of them, about 50 ms, twice in a 10,000-message drain on each worker; after
+    gc.freeze() it walks only what the batches made (the CPython docs' advice for a long-lived
+    process that has finished starting)."""
+    gc.collect()
+    gc.freeze()
 
 
 class KeyqRequest(Request):  # type: ignore[misc]
@@ -173,6 +184,7 @@ def build_worker_app(
                 runtime.ownership.start_heartbeat()
                 # producers without the entity code validate against this (keyq.catalogue)
                 publish_at_start(runtime.redis, settings, runtime.entities, node)
+                freeze_startup_objects()
             else:  # the consumer restarted (broker reconnect): re-assert our queues
                 runtime._add_queue = lambda q: consumer.add_task_queue(q)
                 runtime._cancel_queue = lambda q: consumer.cancel_task_queue(q)
