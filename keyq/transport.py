@@ -310,7 +310,9 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 self._keyq_fetch_next = False
                 raise Empty()
-            dest, item, recorded = reply
+            dest, item, recorded, left = reply
+            if not left:  # that queue is empty now: wait for a wake token (or the tick) next,
+                self._keyq_fetch_next = False  # instead of a fetch that would find nothing
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             if recorded == 2:  # not kombu's format: now on the poison list

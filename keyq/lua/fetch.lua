@@ -5,20 +5,21 @@
 -- (keyq's queues); other queues (control replies, consumed without acks) record nothing.
 -- A message of an acked queue that is not kombu's format (not JSON, no delivery tag) cannot be
 -- delivered: it moves to '<queue>:poison' for the partition's owner to dead-letter.
--- Returns {queue, payload, 1 recorded | 0 not recorded | 2 moved to poison}, or false.
+-- Returns {queue, payload, 1 recorded | 0 not recorded | 2 moved to poison, messages left in
+-- that queue}, or false.
 -- The payload bytes are stored as they are; JSON is decoded only to read the delivery tag.
 local n = #KEYS - 2
 for i = 1, n do
   local m = redis.call('RPOP', KEYS[i])
   if m then
     if ARGV[i] ~= '1' then
-      return {KEYS[i], m, 0}
+      return {KEYS[i], m, 0, redis.call('LLEN', KEYS[i])}
     end
     local ok, doc = pcall(cjson.decode, m)
     if not (ok and type(doc) == 'table' and type(doc.properties) == 'table'
         and type(doc.properties.delivery_tag) == 'string') then
       redis.call('RPUSH', KEYS[i] .. ':poison', m)
-      return {KEYS[i], '', 2}
+      return {KEYS[i], '', 2, redis.call('LLEN', KEYS[i])}
     end
     local info = doc.properties.delivery_info
     if type(info) ~= 'table' then info = {} end
@@ -31,7 +32,7 @@ for i = 1, n do
     redis.call('HSET', KEYS[n + 1], tag,
       '[' .. m .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
     redis.call('ZADD', KEYS[n + 2], tonumber(t[1]) + tonumber(t[2]) / 1000000, tag)
-    return {KEYS[i], m, 1}
+    return {KEYS[i], m, 1, redis.call('LLEN', KEYS[i])}
   end
 end
 return false
