@@ -12,9 +12,7 @@ import hashlib
 import math
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 from keyq.entity import JSON, EntityType
@@ -150,11 +148,20 @@ def current_or_none() -> HandlerContext | None:
     return _current.get()
 
 
-@contextmanager
-def running(ctx: HandlerContext) -> Iterator[HandlerContext]:
-    """Make ctx the current context while a handler runs (the applier's side)."""
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+class running:
+    """Make ctx the current context while a handler runs (the applier's side). A class, not a
+    generator: it is entered once per applied message."""
+
+    __slots__ = ("ctx", "token")
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.ctx = ctx
+        self.token: Token[HandlerContext | None] | None = None
+
+    def __enter__(self) -> HandlerContext:
+        self.token = _current.set(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.token is not None:
+            _current.reset(self.token)

@@ -608,7 +608,8 @@ class WorkerRuntime(OwnershipHooks):
                 flower = self.__dict__["_flower_events"] = FlowerEvents(
                     self.settings, self.node_id
                 )
-            flower.emit(events_of(outcome))
+            if flower.enabled:  # successes are sampled before their events are built
+                flower.emit(events_of(outcome, keep=flower.sample), sampled=True)
         except Exception as e:
             log.warning("keyq could not send task events node=%s error=%s", self.node_id, e)
 
