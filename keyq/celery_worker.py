@@ -87,9 +87,9 @@ def keyq_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 def freeze_startup_objects() -> None:
     """Move everything the worker built while starting (Celery, kombu, SQLAlchemy, the
     entities: some 200,000 objects) out of the garbage collector's reach. A full collection
-    walked all of them, about 50 ms, twice in a 10,000-message drain on each worker; after
-    gc.freeze() it walks only what the batches made (the CPython docs' advice for a long-lived
-    process that has finished starting)."""
+    walked all of them, about 50 ms, and could land inside a batch; after gc.freeze() it walks
+    only what the batches made (the CPython docs' advice for a long-lived process that has
+    finished starting). The collection here runs once, before the first partition is claimed."""
     gc.collect()
     gc.freeze()
 
