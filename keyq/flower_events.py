@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keyq import metrics
 from keyq.celery_app import make_app
 from keyq.errors import ConfigurationError
 from keyq.settings import Settings
@@ -159,6 +160,7 @@ class FlowerEvents:
         kwargs = {"sampled": f"1 in {self.sampler.every}"} if self.sampler.every > 1 else {}
         if self._queue.qsize() >= QUEUE_LIMIT:  # the broker is slow or gone: best effort
             self.dropped += len(chosen)
+            metrics.task_events_dropped.inc(len(chosen))
             return 0
         self._start()
         self._queue.put((chosen, kwargs, time.time()))

@@ -64,6 +64,11 @@ batches_abandoned = Counter(
     "Batches that failed unplanned; their messages went back to their queue heads",
     registry=REGISTRY,
 )
+task_events_dropped = Counter(
+    "keyq_task_events_dropped_total",
+    "Flower task events not sent: their sending thread had 1,000 batches waiting (broker slow)",
+    registry=REGISTRY,
+)
 stale_writes = Counter(
     "keyq_stale_writes_refused_total", "Commits refused by the fencing token", registry=REGISTRY
 )

@@ -192,3 +192,18 @@ def test_events_of_asks_the_sampler_for_successes_only() -> None:
     assert [e.message_id for e in events] == ["m4", "m9", "m10"]
     assert events[-1].status == "crashed" and events[-1].error == "boom"
     assert len(events_of(outcome)) == 11  # no sampler: every message
+
+
+def test_events_past_the_sending_threads_queue_are_dropped_and_counted(settings: Any) -> None:
+    from keyq import metrics
+    from keyq.flower_events import QUEUE_LIMIT, FlowerEvents, MessageEvent
+
+    flower = FlowerEvents(settings, "node-drop", rate=1e9)
+    for _ in range(QUEUE_LIMIT):  # a sending thread that fell behind (none runs here)
+        flower._queue.put(([], {}, 0.0))
+    before = metrics.task_events_dropped._value.get()
+    failed = [MessageEvent(f"m{i}", "counter", "k", "add", "crashed", "boom") for i in range(3)]
+    assert flower.emit(failed) == 0
+    assert flower.dropped == 3
+    assert metrics.task_events_dropped._value.get() - before == 3
+    assert flower._thread is None  # nothing was started to send them
