@@ -148,13 +148,13 @@ class FlowerEvents:
         """Whether the next success goes out as a task (the sampler; always, when off)."""
         return self.sampler.keep() if self.enabled else False
 
-    def emit(self, events: Iterable[MessageEvent], sampled: bool = False) -> int:
-        """Hand the events (successes sampled) to the sending thread; returns how many tasks
-        go out. The worker calls this after a batch's replies: the broker publish (about
-        0.3 ms) runs beside the next batch instead of before it."""
+    def emit(self, events: Iterable[MessageEvent]) -> int:
+        """Hand the events, already sampled (``events_of(outcome, keep=self.sample)``), to the
+        sending thread; returns how many tasks go out. The worker calls this after a batch's
+        replies: the broker publish (about 0.3 ms) runs beside the next batch, not before it."""
         if not self.enabled:
             return 0
-        chosen = [e for e in events if sampled or e.status != "applied" or self.sampler.keep()]
+        chosen = list(events)
         if not chosen:
             return 0
         kwargs = {"sampled": f"1 in {self.sampler.every}"} if self.sampler.every > 1 else {}

@@ -391,11 +391,12 @@ class WorkerRuntime(OwnershipHooks):
             n = min(waiting[p], share, room)
             wanted.append((p, self.lease(p, ours[p]), n))
             room -= n
+        leases = {p: lease for p, lease, _ in wanted}
         for p, more in self.mailbox.drain_many(wanted).items():
             if more is None:
                 self._lost_here(p, ours[p])
                 continue
-            batch.leases[p] = self.lease(p, ours[p])
+            batch.leases[p] = leases[p]
             batch.tokens[p] = ours[p]
             self._unserved.discard(p)
             self._take(p, [self._decode(m) for m in more], batch)
@@ -609,7 +610,7 @@ class WorkerRuntime(OwnershipHooks):
                     self.settings, self.node_id
                 )
             if flower.enabled:  # successes are sampled before their events are built
-                flower.emit(events_of(outcome, keep=flower.sample), sampled=True)
+                flower.emit(events_of(outcome, keep=flower.sample))
         except Exception as e:
             log.warning("keyq could not send task events node=%s error=%s", self.node_id, e)
 

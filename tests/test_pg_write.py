@@ -11,17 +11,13 @@ import pytest
 
 from keyq.errors import StaleWriteError
 from keyq.pg_write import write_in_one_statement
-from keyq.repo import Repo, StateWrite, make_engine, metadata
+from keyq.repo import Repo, StateWrite
+from tests.ownership_helpers import database_url  # noqa: F401  (PostgreSQL only)
 
 
 @pytest.fixture
-def pg_repo(pg_database_url: str) -> Iterator[Repo]:
-    engine = make_engine(pg_database_url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    engine.dispose()
-    repo = Repo(pg_database_url, pre_ping=False)
+def pg_repo(database_url: str) -> Iterator[Repo]:  # noqa: F811  (PostgreSQL only, empty tables)
+    repo = Repo(database_url, pre_ping=False)
     yield repo
     repo.dispose()
 
