@@ -79,7 +79,7 @@ def _async_redis(url: str, settings: Settings, max_connections: int = 1) -> aior
     }
     if is_sentinel_url(url):
         target = parse_sentinel_url(url)
-        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(target.sentinels), sentinel_kwargs=sentinel_kwargs(timeouts)
         )
         if target.username:

@@ -190,7 +190,7 @@ def sentinel_master(url: str, timeouts: Timeouts) -> redis.Redis:
     and a connection that meets a demoted primary (READONLY) is dropped and reconnects."""
     target = parse_sentinel_url(url)
     options = sentinel_options(timeouts)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels),
         sentinel_kwargs=sentinel_kwargs(timeouts),
         socket_connect_timeout=timeouts.redis_connect_s,
@@ -202,7 +202,7 @@ def sentinel_master(url: str, timeouts: Timeouts) -> redis.Redis:
         login["username"] = target.username
     if target.password is not None:
         login["password"] = target.password
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         options.master, db=target.db, **login
     )
     return client

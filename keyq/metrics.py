@@ -59,6 +59,13 @@ passivations = Counter(
     ["why"],
     registry=REGISTRY,
 )
+batches = Counter(
+    "keyq_batches_total",
+    "Committed batches by how they began: 'fetch' (a broker delivery through Celery) or "
+    "'follow' (taken in the previous batch's post-commit round trip, under a steady stream)",
+    ["start"],
+    registry=REGISTRY,
+)
 batches_abandoned = Counter(
     "keyq_batches_abandoned_total",
     "Batches that failed unplanned; their messages went back to their queue heads",

@@ -3,8 +3,11 @@
 Celery delivers one message of a partition; ``handle`` claims it into the partition's in-flight
 list (keyq.mailbox), drains up to a batch more of that partition (and of the other partitions
 this node holds), applies them all with one commit, and only then writes the cache, the replies
-and the registry and settles the in-flight lists. ``handle`` never raises: whatever fails, each
-message it took is committed, back at the head of its queue in order, or dead-lettered.
+and the registry and settles the in-flight lists. Under a steady stream that last round trip
+also takes the next batch (Mailbox.drain_ready), so the worker goes from batch to batch with one
+Redis and one database round trip each, without the broker fetch and Celery in between.
+``handle`` never raises: whatever fails, each message it took is committed, back at the head of
+its queue in order, or dead-lettered.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ from keyq.timers import TimerPoller
 log = logging.getLogger(__name__)
 
 REDELIVERED_IN_BATCH = 1  # a message delivered this often before may still share a batch
+# a worker goes from batch to batch without the broker fetch (the next batch taken in the
+# post-commit round trip of the one before) for at most this long, then lets Celery's event loop
+# run (ownership ticks, housekeeping, control commands) before its next fetch
+FOLLOW_ON_S = 0.05
 POISON_PER_BATCH = 32  # unreadable messages dead-lettered with one batch, at most
 WATCHDOG_SLACK_S = 5.0  # beyond twice the longest handler limit, before the watchdog acts
 
@@ -271,8 +278,13 @@ class WorkerRuntime(OwnershipHooks):
         if alone:
             batch.alone = trigger
         self._progress()
+        began = time.monotonic()
         try:
-            self._run(partition, trigger, claimed, others, fresh, batch)
+            follow = self._run(partition, trigger, claimed, others, fresh, batch, began)
+            while follow is not None:  # a steady stream: batch after batch, no fetch between
+                batch, follow = follow, None
+                self._progress()
+                follow = self._commit(batch, self._follow_on(batch, began), start="follow")
         except RepoDataError as e:
             if batch.alone is None or not self._dead_letter_alone(partition, batch, e):
                 self._abandon(batch, e)
@@ -311,9 +323,11 @@ class WorkerRuntime(OwnershipHooks):
         others: dict[int, int],
         fresh: set[int],
         batch: _Batch,
-    ) -> None:
+        began: float,
+    ) -> _Batch | None:
         """The batch after its first step (Mailbox.claim_batch): what it took, then more of a
-        long queue, then what waits on the other partitions held here; one commit."""
+        long queue, then what waits on the other partitions held here; one commit. Returns the
+        next batch when its post-commit round trip took one (see _follow_on)."""
         self._unserved.discard(partition)
         self._take(partition, [trigger], batch)
         self._take(partition, [self._decode(m) for m in claimed.drained], batch)
@@ -323,12 +337,24 @@ class WorkerRuntime(OwnershipHooks):
             )
             if more is None:
                 self._lost_here(partition, batch.tokens[partition])
-                return
+                return None
             self._take(partition, [self._decode(m) for m in more], batch)
         self._take(partition, [self._decode(m) for m in claimed.poison], batch)
         if others:
             self._drain_others(batch, claimed.waiting, others, fresh)
-        self._commit(batch)
+        return self._commit(batch, self._follow_on(batch, began))
+
+    def _follow_on(self, batch: _Batch, began: float) -> dict[int, int] | None:
+        """The partitions (and tokens) whose waiting messages the batch's post-commit round
+        trip may take as the next batch, or None: it may when Redis is also the broker (one
+        pipeline settles and drains), the batch is no redelivered message applied alone, no
+        partition just taken over waits for the broker fetch's fair shares, and the worker has
+        not gone FOLLOW_ON_S without returning to Celery's event loop."""
+        if batch.alone is not None or self._unserved or self.broker is not self.redis:
+            return None
+        if time.monotonic() - began > FOLLOW_ON_S:
+            return None
+        return self.ownership.held() or None
 
     def _decode(self, raw: bytes) -> Delivery:
         """A raw message of a queue, in-flight or poison list. A poison-list message that reads
@@ -401,7 +427,12 @@ class WorkerRuntime(OwnershipHooks):
             self._unserved.discard(p)
             self._take(p, [self._decode(m) for m in more], batch)
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit(
+        self, batch: _Batch, follow: dict[int, int] | None = None, start: str = "fetch"
+    ) -> _Batch | None:
+        """Apply and commit the batch, then its cache, replies and settle in one pipeline;
+        with `follow` (held partitions and their tokens) that pipeline also takes the next
+        batch from their queues (Mailbox.drain_ready), which is returned."""
         parts = list(batch.leases)
         started = time.perf_counter()
         try:
@@ -417,7 +448,7 @@ class WorkerRuntime(OwnershipHooks):
             metrics.stale_writes.inc()
             log.error("keyq write refused partitions=%s node=%s: %s", parts, self.node_id, e)
             self._put_back(batch, bump=False)  # what is still ours goes back; the rest is restored
-            return
+            return None
         except RepoDataError:
             raise  # the batch holds data the database refuses: abandon, count, isolate
         except RepoError as e:
@@ -426,18 +457,37 @@ class WorkerRuntime(OwnershipHooks):
                 "partitions=%s node=%s: %s", parts, self.node_id, e,
             )
             self._put_back(batch, bump=False)
-            return
+            return None
         metrics.commit_seconds.observe(time.perf_counter() - started)
+        metrics.batches.labels(start).inc()
         # one broker: the in-flight lists are settled in the post-commit pipeline, after the
         # replies (one round trip for all of it); else on their own, after it
         together = self.broker is self.redis
-        self._after_commit(outcome, batch.leases, settle=parts if together else ())
+        drained = self._after_commit(
+            outcome, batch.leases, settle=parts if together else (), follow=follow
+        )
         for p in [] if together else parts:
             try:
                 self.mailbox.settle(p, batch.leases[p])
             except Exception as e:  # committed: a restore would only bring back duplicates
                 log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
         self._count(outcome)
+        return None if not drained or follow is None else self._next_batch(drained, follow)
+
+    def _next_batch(
+        self, drained: dict[int, list[bytes] | None], held: dict[int, int]
+    ) -> _Batch | None:
+        """The batch that a post-commit round trip took (Mailbox.drain_ready): each partition's
+        whole in-flight list; a partition whose lease is not ours any more is let go."""
+        batch = _Batch()
+        for p, messages in drained.items():
+            if messages is None:
+                self._lost_here(p, held[p])
+                continue
+            batch.leases[p] = self.lease(p, held[p])
+            batch.tokens[p] = held[p]
+            self._take(p, [self._decode(m) for m in messages], batch)
+        return batch if batch.leases else None
 
     def _committed_early(self, outcome: BatchOutcome, leases: dict[int, Lease]) -> None:
         """The keys of a batch that finished while another backs off are committed: their
@@ -551,10 +601,18 @@ class WorkerRuntime(OwnershipHooks):
             self.names.register_many(pipe, leases[p], names, self.node_id)
 
     def _after_commit(
-        self, outcome: BatchOutcome, leases: dict[int, Lease], settle: Sequence[int] = ()
-    ) -> None:
+        self,
+        outcome: BatchOutcome,
+        leases: dict[int, Lease],
+        settle: Sequence[int] = (),
+        follow: dict[int, int] | None = None,
+    ) -> dict[int, list[bytes] | None] | None:
         """Cache, replies, registry and re-routes of a committed batch. None of it may undo the
-        commit: a failure here is logged (the reconciler heals the cache; a caller times out)."""
+        commit: a failure here is logged (the reconciler heals the cache; a caller times out).
+        With `follow` (held partitions: tokens), the same pipeline then takes the next batch
+        (Mailbox.drain_ready), whose messages are returned."""
+        read = None
+        sent = False
         try:
             for target, envs in _by_partition(outcome.reroutes).items():
                 self._send(target, [e.to_wire() for e in envs], rerouted=True)
@@ -583,17 +641,35 @@ class WorkerRuntime(OwnershipHooks):
                 self.mailbox.settle(p, leases[p], pipe=pipe)
             for write in self.post_commit_writers:
                 write(pipe, outcome)
-            pipe.execute()
+            if follow:  # last: after the settle of the same partitions' in-flight lists
+                held = [(p, self.lease(p, t)) for p, t in follow.items()]
+                read = self.mailbox.drain_ready(pipe, held, self.settings.batch_max)
+            sent = True
+            replies = pipe.execute()
+            return None if read is None else read(replies[-1])
         except Exception as e:
             # the state is committed; the reconciler repairs the cache, callers time out
             log.error(
                 "keyq post-commit Redis writes failed partition=%s: %s", outcome.partition, e
             )
+            if sent and follow:
+                # the pipeline may have taken the next batch into the in-flight lists: all of
+                # them go back to their queue heads (this batch's messages too, if its settle
+                # did not run: the dedupe ledger skips them when they come again)
+                self._put_back(
+                    _Batch(
+                        leases={p: self.lease(p, t) for p, t in follow.items()},
+                        tokens=dict(follow),
+                    ),
+                    bump=False,
+                )
+                settle = [p for p in settle if p not in follow]
             for p in settle:  # on their own, then: committed messages must not stay in flight
                 try:
                     self.mailbox.settle(p, leases[p])
                 except Exception as e2:  # a restore would only bring back duplicates
                     log.error("keyq could not clear in-flight list partition=%s: %s", p, e2)
+        return None
 
     def _count(self, outcome: BatchOutcome) -> None:
         from keyq import outcome_metrics

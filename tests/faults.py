@@ -10,6 +10,9 @@ it wraps the named methods so that the worker fails exactly where the test wants
 - ``Class.method=N:exit``: the Nth call exits the process hard instead.
 - ``refuse-state=TEXT``: the database "refuses" any commit writing a state whose JSON holds
   TEXT (Repo.commit raises RepoDataError, as for a constraint or encoding error).
+- ``follow-reply-lost=N``: the Nth post-commit round trip that took a next batch into the
+  in-flight lists (Mailbox.drain_ready's reply names messages) raises while its reply is read,
+  as if the connection died after Redis had run it: the worker never sees those messages.
 
 Several faults are separated by commas.
 """
@@ -40,12 +43,12 @@ def _exit_after_commit(n: int) -> None:
     original = WorkerRuntime._after_commit
     left = {"n": n}
 
-    def after_commit(self: WorkerRuntime, outcome: BatchOutcome, *args: Any, **kw: Any) -> None:
+    def after_commit(self: WorkerRuntime, outcome: BatchOutcome, *args: Any, **kw: Any) -> Any:
         if outcome.applied:
             left["n"] -= 1
             if left["n"] == 0:
                 os._exit(137)
-        original(self, outcome, *args, **kw)
+        return original(self, outcome, *args, **kw)
 
     WorkerRuntime._after_commit = after_commit  # type: ignore[method-assign]
 
@@ -78,6 +81,26 @@ def _refuse_state(text: str) -> None:
     Repo.commit = commit  # type: ignore[method-assign]
 
 
+def _lose_follow_reply(n: int) -> None:
+    original = Mailbox.drain_ready
+    seen = {"n": 0}
+
+    def drain_ready(self: Mailbox, *args: Any, **kwargs: Any) -> Any:
+        read = original(self, *args, **kwargs)
+
+        def lossy(reply: object) -> Any:
+            got = read(reply)
+            if any(got.values()):
+                seen["n"] += 1
+                if seen["n"] == n:
+                    raise RuntimeError(f"injected fault: follow-on reply {n} lost")
+            return got
+
+        return lossy
+
+    Mailbox.drain_ready = drain_ready  # type: ignore[method-assign]
+
+
 def install(spec: str) -> None:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         target, _, count = item.partition("=")
@@ -87,6 +110,9 @@ def install(spec: str) -> None:
             continue
         if target == "refuse-state":
             _refuse_state(count)
+            continue
+        if target == "follow-reply-lost":
+            _lose_follow_reply(int(count))
             continue
         cls_name, _, method = target.partition(".")
         _fail_on_call(_CLASSES[cls_name], method, int(n), how)

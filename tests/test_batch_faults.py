@@ -26,6 +26,7 @@ ROUNDS = 12
 FAULT_POINTS = [
     "Mailbox.claim_batch=3",
     "Mailbox.drain_many=2",
+    "Mailbox.drain_ready=3",
     "Mailbox.settle=2",
     "Applier._parse=2",
     "Applier._run_key=5",

@@ -259,6 +259,59 @@ def test_drain_many_drains_several_partitions_in_one_step_under_each_lease(
     assert redis_client.llen(mailbox.queue(3)) == 3  # not our lease: untouched
 
 
+def test_drain_ready_takes_the_next_batch_in_turn_under_each_lease_after_the_settle(
+    redis_client: redis.Redis, mailbox: Mailbox
+) -> None:
+    """The post-commit round trip's next batch: each held partition in turn, up to the room in
+    all, into its own in-flight list; a partition whose lease is not ours is named and left
+    alone; the WHOLE in-flight list comes back (what an earlier run of the same pipeline took
+    is not left unread); a queue emptied loses its wake token, one still holding keeps it."""
+    for p in (0, 1, 2, 3):
+        for i in range(3):
+            redis_client.lpush(mailbox.queue(p), raw(celery_message([{"id": f"{p}-{i}"}], "t")))
+        redis_client.lpush(f"{mailbox.queue(p)}:wake", 1)
+    redis_client.rpush(mailbox.inflight_key(1), raw(celery_message([{"id": "1-old"}], "t")))
+    mine = {p: _lease(redis_client, mailbox, p, "me|1") for p in (0, 1, 3)}
+    theirs2 = _lease(redis_client, mailbox, 2, "other|4")
+    held = [(2, (theirs2[0], "me|1")), (0, mine[0]), (1, mine[1]), (3, mine[3])]
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.ping()
+    read = mailbox.drain_ready(pipe, held, 5)
+    got = read(pipe.execute()[-1])
+    ids = {
+        p: None if ms is None else [decode(m, TASKS, DISPATCH_TASK).envelopes[0]["id"] for m in ms]
+        for p, ms in got.items()
+    }
+    # room 5: partition 0's three, then two of partition 1 behind its unsettled message
+    assert ids == {0: ["0-0", "0-1", "0-2"], 1: ["1-old", "1-0", "1-1"], 2: None}
+    assert redis_client.llen(mailbox.queue(2)) == 3  # not our lease: untouched
+    assert redis_client.llen(mailbox.queue(3)) == 3  # no room left for it
+    assert not redis_client.exists(f"{mailbox.queue(0)}:wake")  # emptied: token gone
+    assert redis_client.exists(f"{mailbox.queue(1)}:wake")  # one message still waits
+    # a second run (a pipeline sent again) returns what both took
+    pipe = redis_client.pipeline(transaction=False)
+    read = mailbox.drain_ready(pipe, [(0, mine[0]), (3, mine[3])], 2)
+    again = read(pipe.execute()[-1])
+    assert [len(again[0] or []), len(again[3] or [])] == [3, 2]
+
+
+def test_drain_ready_leaves_a_twice_delivered_message_for_the_fetch(
+    redis_client: redis.Redis, mailbox: Mailbox
+) -> None:
+    """A message delivered more than once before is applied alone (the broker fetch hands it
+    over): the follow-on drain stops in front of it."""
+    q = mailbox.queue(0)
+    redis_client.lpush(q, raw(celery_message([{"id": "a"}], "ta")))
+    redis_client.lpush(q, redelivered(redelivered(raw(celery_message([{"id": "b"}], "tb")))))
+    redis_client.lpush(q, raw(celery_message([{"id": "c"}], "tc")))
+    lease = _lease(redis_client, mailbox, 0, "me|1")
+    pipe = redis_client.pipeline(transaction=False)
+    read = mailbox.drain_ready(pipe, [(0, lease)], 10)
+    got = read(pipe.execute()[-1])
+    assert [decode(m, TASKS, DISPATCH_TASK).envelopes[0]["id"] for m in got[0] or []] == ["a"]
+    assert [m["headers"]["id"] for m in _queue(redis_client, mailbox, 0)] == ["id-tb", "id-tc"]
+
+
 def test_requeue_puts_the_batch_back_in_order_with_counts_up(
     redis_client: redis.Redis, mailbox: Mailbox
 ) -> None:
