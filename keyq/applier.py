@@ -110,18 +110,36 @@ class _KeyJob:
 
 
 def _merge(into: BatchOutcome, part: BatchOutcome) -> None:
-    """Add what one key did to a batch's outcome."""
-    for f in fields(BatchOutcome):
-        if f.name == "partition":
-            continue
-        mine, theirs = getattr(into, f.name), getattr(part, f.name)
-        if isinstance(mine, list):
-            mine.extend(theirs)
-        elif isinstance(mine, dict):
+    """Add what one key did to a batch's outcome (once per key of every batch: only the
+    fields the key filled are touched)."""
+    for name in _LIST_FIELDS:
+        theirs = getattr(part, name)
+        if theirs:
+            getattr(into, name).extend(theirs)
+    for name in _DICT_FIELDS:
+        theirs = getattr(part, name)
+        if theirs:
+            mine = getattr(into, name)
             for k, n in theirs.items():
                 mine[k] = mine.get(k, 0) + n
-        else:
-            setattr(into, f.name, mine + theirs)
+    for name in _COUNT_FIELDS:
+        n = getattr(part, name)
+        if n:
+            setattr(into, name, getattr(into, name) + n)
+
+
+def _fields_holding(kind: type) -> tuple[str, ...]:
+    empty = BatchOutcome(0)
+    return tuple(
+        f.name
+        for f in fields(BatchOutcome)
+        if f.name != "partition" and isinstance(getattr(empty, f.name), kind)
+    )
+
+
+_LIST_FIELDS = _fields_holding(list)
+_DICT_FIELDS = _fields_holding(dict)
+_COUNT_FIELDS = _fields_holding(int)
 
 
 def _dead_letter(

@@ -53,6 +53,7 @@ from redis.exceptions import NoScriptError
 
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK, TICK_OPTION
 from keyq.connections import SENTINEL_DEFAULT_PORT
+from keyq.learned import LearnedGuess
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
     PARTITION_TASKS,
@@ -65,9 +66,6 @@ from keyq.publisher import not_replicated, overloaded
 from keyq.scripts import lua_source
 
 log = logging.getLogger(__name__)
-
-SPECULATE_WEIGHT = 0.2  # weight of the newest outcome in the moving average
-SPECULATE_PROBE = 8  # while waiting is the better guess, one delivery in this many fetches anyway
 
 WAKE_SUFFIX = ":wake"  # beside each queue list: a one-token list that wakes idle consumers
 MAX_DEPTH_OPTION = "keyq_max_queue_depth"  # transport option: refuse publishes past this depth
@@ -163,11 +161,9 @@ class Channel(kombu_redis.Channel):
     # After a delivery that emptied its queue, fetching again at once pays off only if a message
     # arrived while the batch ran: under a steady stream it mostly has (a wake wait would cost a
     # round trip more), for one caller's sequential calls never (the fetch finds nothing). So
-    # the consumer learns which: it fetches again while such fetches mostly found a message
-    # (an average of their outcomes), else waits, trying one fetch in SPECULATE_PROBE anyway.
+    # the consumer learns which (keyq.learned), else waits for a wake token.
     _keyq_speculating = False  # the fetch in flight was sent on that guess
-    _keyq_speculation_pays = 1.0  # moving average of those fetches' outcomes (1: found one)
-    _keyq_deliveries = 0
+    _keyq_guess: LearnedGuess | None = None  # made with the first delivery that emptied a queue
     _keyq_sha: str | None = None
     _keyq_publish: Any = None  # the publish script, registered on first use
     _keyq_ticker: _Ticker | None = None  # started with the first wait
@@ -318,19 +314,17 @@ class Channel(kombu_redis.Channel):
             if self._keyq_waiting:
                 self._keyq_fetch_next = True  # woken, or timed out: look now either way
                 raise Empty()
-            if self._keyq_speculating:
+            if self._keyq_speculating and self._keyq_guess is not None:
                 self._keyq_speculating = False
-                pays = self._keyq_speculation_pays
-                self._keyq_speculation_pays = pays + SPECULATE_WEIGHT * (bool(reply) - pays)
+                self._keyq_guess.learn(bool(reply))
             if not reply:
                 self._keyq_fetch_next = False
                 raise Empty()
             dest, item, recorded, left = reply
             if not left:  # that queue is empty now: fetch again or wait (see above)
-                self._keyq_deliveries += 1
-                guess = self._keyq_speculation_pays >= 0.5
-                probe = self._keyq_deliveries % SPECULATE_PROBE == 0
-                self._keyq_fetch_next = self._keyq_speculating = guess or probe
+                if self._keyq_guess is None:
+                    self._keyq_guess = LearnedGuess()
+                self._keyq_fetch_next = self._keyq_speculating = self._keyq_guess.ask()
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             if recorded == 2:  # not kombu's format: now on the poison list

@@ -31,6 +31,7 @@ from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import Envelope
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
+from keyq.learned import LearnedGuess
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
     DRAIN_STEP,
@@ -123,6 +124,9 @@ class WorkerRuntime(OwnershipHooks):
         self.applier.repo_health = self.repo_health
         self._batch_pulse: float | None = None  # last progress of the batch running, if any
         self._unserved: set[int] = set()  # claimed partitions no batch has served yet
+        # a follow-on drain that finds nothing costs its part of the round trip and a scan of
+        # the held queues: whether they pay is learned (a sparse stream never pays it back)
+        self._follow_guess = LearnedGuess()
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
         self.timers = TimerPoller(self.repo, self._publish_fires)
         self.applier.timer_clock = self.timers.clock.now  # handlers' now: the database's clock
@@ -348,11 +352,14 @@ class WorkerRuntime(OwnershipHooks):
         """The partitions (and tokens) whose waiting messages the batch's post-commit round
         trip may take as the next batch, or None: it may when Redis is also the broker (one
         pipeline settles and drains), the batch is no redelivered message applied alone, no
-        partition just taken over waits for the broker fetch's fair shares, and the worker has
-        not gone FOLLOW_ON_S without returning to Celery's event loop."""
+        partition just taken over waits for the broker fetch's fair shares, the worker has
+        not gone FOLLOW_ON_S without returning to Celery's event loop, and such drains have
+        been finding messages (keyq.learned)."""
         if batch.alone is not None or self._unserved or self.broker is not self.redis:
             return None
         if time.monotonic() - began > FOLLOW_ON_S:
+            return None
+        if not self._follow_guess.ask():
             return None
         return self.ownership.held() or None
 
@@ -472,7 +479,10 @@ class WorkerRuntime(OwnershipHooks):
             except Exception as e:  # committed: a restore would only bring back duplicates
                 log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
         self._count(outcome)
-        return None if not drained or follow is None else self._next_batch(drained, follow)
+        if follow is None:
+            return None
+        self._follow_guess.learn(bool(drained))
+        return self._next_batch(drained, follow) if drained else None
 
     def _next_batch(
         self, drained: dict[int, list[bytes] | None], held: dict[int, int]

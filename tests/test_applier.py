@@ -403,3 +403,43 @@ def test_keys_that_finish_are_committed_before_a_key_that_backs_off(h: Harness) 
     assert h.state("flaky", key) == {"n": 2, "junk": []}
     [dl] = h.repo.dead_letters()
     assert dl.message_id == batch[1]["id"]
+
+
+def test_merge_adds_every_field_a_key_filled_and_leaves_the_partition() -> None:
+    """_merge walks precomputed field lists: a field of BatchOutcome it did not list would be
+    dropped from every batch's outcome. Every field but the partition is filled here."""
+    from dataclasses import fields
+
+    from keyq.applier import _merge
+
+    part = BatchOutcome(3)
+    for f in fields(BatchOutcome):
+        value = getattr(part, f.name)
+        if f.name == "partition":
+            continue
+        if isinstance(value, list):
+            value.append(f.name)
+        elif isinstance(value, dict):
+            value["e"] = 2
+        else:
+            setattr(part, f.name, 5)
+    into = BatchOutcome(1)
+    into.applied, into.restarts_by_entity = 1, {"e": 1}
+    into.messages.append("first")  # type: ignore[arg-type]
+    _merge(into, part)
+    for f in fields(BatchOutcome):
+        got = getattr(into, f.name)
+        if f.name == "partition":
+            assert got == 1
+        elif f.name == "applied":
+            assert got == 6
+        elif f.name == "restarts_by_entity":
+            assert got == {"e": 3}
+        elif f.name == "messages":
+            assert got == ["first", "messages"]
+        elif isinstance(got, list):
+            assert got == [f.name], f.name
+        elif isinstance(got, dict):
+            assert got == {"e": 2}, f.name
+        else:
+            assert got == 5, f.name
