@@ -1,9 +1,13 @@
 """The measurements: each function sets up what it needs on real workers and returns figures.
 
-Throughput is measured as a drain: the queues are filled first, then the workers start, and the
-rate is messages over the time from the first consumption to the last apply, so the producer
-does not compete with the workers for the two cores. keyq workers report each applied message
-("<partition> <applied_at> <latency>") to a Redis list when KEYQ_BENCH_LATENCY_KEY is set.
+Throughput is measured as a drain: the queues are filled first and moved aside, the workers
+start and get ready (idle, keyq's holding every partition lease), then the whole backlog is put
+back in front of them at once (one MULTI of RENAMEs, with wake tokens); the rate is messages over
+the time from that release to the last apply. So the producer does not compete with the workers
+for the two cores, and neither does a worker's boot: with the workers started onto a full queue,
+the second one began 40-190 ms after the first, a third of a 0.4 s drain. keyq workers report
+each applied message ("<partition> <applied_at> <latency>") to a Redis list when
+KEYQ_BENCH_LATENCY_KEY is set.
 """
 
 from __future__ import annotations
@@ -41,15 +45,17 @@ from keyq.cluster import Leases, assignment
 from keyq.flower_events import DEFAULT_RATE as DEFAULT_EVENT_RATE
 from keyq.flower_events import RATE_VARIABLE
 from keyq.mailbox import Mailbox, unacked_records
+from keyq.publisher import wake_key
 from keyq.repo import Repo, state_table
 from keyq.routing import partition_for
 from keyq.settings import Settings
 
 DRAIN_TIMEOUT_S = 300.0
-CELERY_CPU_AFTER = 0.1  # Celery's CPU window opens once this share of its queue is gone
 CALL_BLOCKS = 10  # keyq and Celery round trips take turns in this many blocks each
 CALL_WARMUP = 10  # untimed round trips per side first
 SEND_MANY_CHUNK = 1000  # messages per send_many call while filling the queues
+STAGED_SUFFIX = ":staged"  # a filled queue waits under this name while its workers start
+READY_SETTLE_S = 0.3  # after the workers are ready: their consumers are in their idle wait
 UNSAMPLED_EVENT_RATE = 1e9  # KEYQ_FLOWER_EVENT_RATE high enough that no success is sampled out
 TAKEOVER_WARMUP_S = 1.5  # seconds of load before the kill
 TAKEOVER_QUIET_S = 0.5  # idle takeover: seconds of nothing before the kill
@@ -109,14 +115,42 @@ class Bench:
             pipe.llen(q)
         return sum(int(n) for n in pipe.execute())
 
-    def _wait_first_consumption(self, queues: list[str], initial: int, procs: list[Proc]) -> float:
+    def _stage(self, queues: list[str]) -> list[str]:
+        """Move the filled queues aside (one MULTI), while their workers start."""
+        filled = [q for q, n in zip(queues, self._lengths(queues), strict=True) if n]
+        pipe = self.redis.pipeline(transaction=True)
+        for q in filled:
+            pipe.rename(q, q + STAGED_SUFFIX)
+        pipe.execute()
+        return filled
+
+    def _release(self, staged: list[str], wake: bool) -> float:
+        """Put every staged queue back at once (one MULTI; with keyq's wake tokens); the time
+        of the release, the drain's start."""
+        pipe = self.redis.pipeline(transaction=True)
+        for q in staged:
+            pipe.rename(q + STAGED_SUFFIX, q)
+            if wake:
+                pipe.lpush(wake_key(q), 1)
+                pipe.ltrim(wake_key(q), 0, 0)
+        released = time.time()
+        pipe.execute()
+        return released
+
+    def _lengths(self, queues: list[str]) -> list[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        return [int(n) for n in pipe.execute()]
+
+    def _wait_celery_ready(self, procs: list[Proc]) -> None:
+        """Every Celery worker answers a ping: it has booted and consumes its queue."""
         deadline = time.monotonic() + 60
-        while self._queue_total(queues) >= initial:
+        while len(self.celery_app.control.ping(timeout=0.5) or []) < len(procs):
             _check_alive(procs)
             if time.monotonic() > deadline:
-                raise TimeoutError("workers did not start consuming within 60 s")
-            time.sleep(0.002)
-        return time.time()
+                raise TimeoutError("plain Celery workers did not answer a ping within 60 s")
+        time.sleep(READY_SETTLE_S)
 
     def stop_workers(self) -> None:
         stop_all(self.procs)
@@ -165,33 +199,32 @@ class Bench:
         self.procs = [p for p in self.procs if p not in procs]
 
     def celery_drain(self, n: int) -> DrainResult:
-        """Fill the no-op queue with n tasks, start the Celery workers, time the drain; the
-        workers' CPU is read once a tenth of the queue is gone and again at the end."""
+        """Fill the no-op queue with n tasks and move it aside, start the Celery workers and
+        wait until they answer a ping, release the queue and time the drain; the workers' CPU
+        is read at the release and at the end."""
         started = time.perf_counter()
         for _ in tqdm(range(n), desc="fill celery queue", leave=False, unit="msg"):
             self.celery_app.send_task(NOOP_TASK, queue=self.celery_queue)
         produce_s = time.perf_counter() - started
+        staged = self._stage([self.celery_queue])
         procs = self.start_celery_workers()
-        t_start = self._wait_first_consumption([self.celery_queue], n, procs)
+        self._wait_celery_ready(procs)
+        base = sum(cpu_seconds(p.pid) for p in procs)
+        t_start = self._release(staged, wake=False)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
 
         def left() -> int:
             queued = int(self.redis.llen(self.celery_queue))
             return queued + len(unacked_records(self.redis, self.celery_queue))
 
-        cpu = CpuWindow()
-        base: list[float] | None = None
-        base_left = n
-        while (remaining := left()) > 0:
+        while left() > 0:
             _check_alive(procs)
-            if base is None and remaining <= n * (1 - CELERY_CPU_AFTER):
-                base, base_left = [cpu_seconds(p.pid) for p in procs], remaining
             if time.monotonic() > deadline:
                 raise TimeoutError("plain Celery did not drain its queue")
             time.sleep(0.002)
         t_end = time.time()
-        if base is not None:
-            cpu.add(sum(cpu_seconds(p.pid) for p in procs) - sum(base), base_left)
+        cpu = CpuWindow()
+        cpu.add(sum(cpu_seconds(p.pid) for p in procs) - base, n)
         self.stop_these(procs)
         return DrainResult(n, t_end - t_start, produce_s, worker_us_per_msg=cpu.us_per_msg)
 
@@ -244,9 +277,10 @@ class Bench:
         worker_env: dict[str, str] | None = None,
     ) -> DrainResult:
         """Fill the partition queues with n adds over `keys` keys (one broker message per add,
-        or send_many's one per partition), start the keyq workers (with `worker_env` added to
-        their environment), time the drain. Each worker's CPU is read when it takes the first
-        message of its own partitions."""
+        or send_many's one per partition) and move them aside, start the keyq workers (with
+        `worker_env` added to their environment) and wait until they hold every partition
+        lease, release the queues and time the drain; the workers' CPU is read at the release
+        and at the end."""
         lkey = latency_key(self.settings)
         self.redis.delete(lkey)
         started = time.perf_counter()
@@ -264,39 +298,25 @@ class Bench:
                 self.client.send(ENTITY, bench_key(i % keys), OP, {"by": 1})
         produce_s = time.perf_counter() - started
         self.adds += n
-        specs = static_slices(self.settings.partitions, self.workers)
-        slices = [self._slice_queues(spec) for spec in specs]
-        initial = [self._queue_total(qs) for qs in slices]
+        queues = [self.settings.queue_name(p) for p in range(self.settings.partitions)]
+        staged = self._stage(queues)
         procs = self._start_keyq_static(worker_env)
-        # per worker: (time, CPU) when its own queues first shrink
-        base: list[tuple[float, float] | None] = [None if n0 else (0.0, 0.0) for n0 in initial]
-        deadline = time.monotonic() + 60
-        while any(b is None for b in base):
-            _check_alive(procs)
-            for i, qs in enumerate(slices):
-                if base[i] is None and self._queue_total(qs) < initial[i]:
-                    base[i] = (time.time(), cpu_seconds(procs[i].pid))
-            if time.monotonic() > deadline:
-                raise TimeoutError("workers did not start consuming within 60 s")
-            time.sleep(0.002)
-        t_start = min(b[0] for b, n0 in zip(base, initial, strict=True) if b and n0)
+        self._wait_leases()
+        time.sleep(READY_SETTLE_S)
+        _check_alive(procs)
+        base = sum(cpu_seconds(p.pid) for p in procs)
+        t_start = self._release(staged, wake=True)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while int(self.redis.llen(lkey)) < n:
             _check_alive(procs)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"keyq applied {self.redis.llen(lkey)} of {n} messages")
             time.sleep(0.005)
-        after = [cpu_seconds(p.pid) for p in procs]
+        after = sum(cpu_seconds(p.pid) for p in procs)
         samples = parse_samples(self.redis.lrange(lkey, 0, -1))
         t_end = max(s.applied_at for s in samples)
         cpu = CpuWindow()
-        for i, spec in enumerate(specs):
-            b = base[i]
-            if not initial[i] or b is None:
-                continue
-            lo, hi = (int(x) for x in spec.split("-"))
-            applied = sum(1 for s in samples if lo <= s.partition <= hi and s.applied_at >= b[0])
-            cpu.add(after[i] - b[1], applied)
+        cpu.add(after - base, n)
         if not keep_running:
             self.stop_workers()
         return DrainResult(
@@ -332,10 +352,6 @@ class Bench:
             "on_worker_us_per_msg": on.worker_us_per_msg,
             "all_worker_us_per_msg": every.worker_us_per_msg,
         }
-
-    def _slice_queues(self, spec: str) -> list[str]:
-        lo, hi = (int(x) for x in spec.split("-"))
-        return [self.settings.queue_name(p) for p in range(lo, hi + 1)]
 
     # --- latency -----------------------------------------------------------------------------
 
