@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from keyq.dedupe import DedupeWindow
 from keyq.entity import JSON, EntityType
 
 KeyId = tuple[str, str]  # (entity, key)
@@ -19,34 +20,20 @@ KeyId = tuple[str, str]  # (entity, key)
 
 @dataclass(slots=True)
 class Activation:
-    """A live key: its committed state, version and the ids of recently applied messages."""
+    """A live key: its committed state, version and which messages it applied lately."""
 
     entity_type: EntityType
     key: str
     partition: int
     state: JSON
     version: int
-    recent_ids: list[str]
-    recent_set: set[str] = field(default_factory=set)
+    window: DedupeWindow = field(default_factory=DedupeWindow)
     last_used: float = field(default_factory=time.monotonic)
     name_renewed_at: float = float("-inf")  # never registered yet
-
-    def __post_init__(self) -> None:
-        self.recent_set = set(self.recent_ids)
 
     @property
     def id(self) -> KeyId:
         return (self.entity_type.name, self.key)
-
-    def remember(self, message_id: str, window: int) -> None:
-        """Record an applied message id, keeping only the newest `window` ids."""
-        self.recent_ids.append(message_id)
-        self.recent_set.add(message_id)
-        overflow = len(self.recent_ids) - window
-        if overflow > 0:
-            for old in self.recent_ids[:overflow]:
-                self.recent_set.discard(old)
-            del self.recent_ids[:overflow]
 
 
 class ActivationTable:

@@ -22,6 +22,7 @@ from keyq import metrics
 from keyq import reply as replies
 from keyq.activations import Activation, ActivationTable, KeyId
 from keyq.context import HandlerContext, TimerFire, running
+from keyq.dedupe import DedupeWindow
 from keyq.entity import JSON, EntityRegistry, EntityType
 from keyq.envelope import STRICT_JSON, Envelope, has_nul, parse_envelope
 from keyq.errors import (
@@ -447,7 +448,9 @@ class Applier:
         else:
             state, version, recent = stored.state, stored.version, stored.recent_ids
         state = _on_activate(entity_type, key_id[1], state)
-        return Activation(entity_type, key_id[1], partition, state, version, list(recent))
+        return Activation(
+            entity_type, key_id[1], partition, state, version, DedupeWindow.from_stored(recent)
+        )
 
     def _load_timers(
         self, groups: dict[KeyId, list[Envelope]], keep_trying: Callable[[], bool]
@@ -499,7 +502,7 @@ class Applier:
         seen: set[str] = set()
         pending: list[Envelope] = []
         for env in envs:
-            if env.id in act.recent_set or env.id in seen:
+            if env.id in seen or act.window.seen(env.id):
                 outcome.duplicates += 1
                 if env.reply:  # a retried call: behind the first reply if that is still unread
                     outcome.replies.append((env.id, replies.ALREADY_APPLIED))
@@ -578,7 +581,7 @@ class Applier:
         # never forget an id of this batch: a redelivery of the whole batch must be skipped
         window = max(self.settings.dedupe_window, len(pending))
         for env in pending:
-            act.remember(env.id, window)
+            act.window.remember(env.id, window)
             status, error = failed.get(env.id, ("applied", ""))
             outcome.messages.append((env, status, error))
             if env.id not in settled:
@@ -603,7 +606,7 @@ class Applier:
             key=act.key,
             state=state,
             version=act.version,
-            recent_ids=list(act.recent_ids),
+            recent_ids=act.window.stored(),
         )
 
     def _run_pending(

@@ -23,6 +23,7 @@ from keyq.cli_errors import handle_errors
 from keyq.cluster import Leases
 from keyq.cluster_metrics import oldest_sent_at
 from keyq.connections import redis_client
+from keyq.dedupe import DedupeWindow
 from keyq.errors import CacheUnavailableError, ValidationError
 from keyq.mailbox import PARTITION_TASKS, decode
 from keyq.registry import NameRegistry
@@ -93,7 +94,7 @@ def collect_inspect(settings: Settings, entity: str, key: str) -> dict[str, Any]
             "state_bytes": len(json.dumps(stored.state, separators=(",", ":")).encode()),
             "active": stored.active,
             "fence": stored.fence,
-            "last_applied_ids": stored.recent_ids[-RECENT_IDS:],
+            "last_applied_ids": DedupeWindow.from_stored(stored.recent_ids).last[-RECENT_IDS:],
         }
     return {
         "entity": entity,

@@ -45,7 +45,11 @@ class MemoryRepo:
             row = self.rows.get(key_id)
             if row is not None:
                 found[key_id] = StoredState(
-                    json_copy(row.state), row.version, row.fence, list(row.recent_ids), row.active
+                    json_copy(row.state),
+                    row.version,
+                    row.fence,
+                    json_copy(row.recent_ids),
+                    row.active,
                 )
         return found
 
@@ -113,7 +117,7 @@ class MemoryRepo:
                 if old is not None and (old.fence > f or old.version >= w.version):
                     raise StaleWriteError(f"write of {w.entity}/{w.key} refused (newer in Repo)")
                 new_rows[(w.entity, w.key)] = StoredState(
-                    json_copy(w.state), w.version, f, list(w.recent_ids), w.active
+                    json_copy(w.state), w.version, f, json_copy(w.recent_ids), w.active
                 )
         # all checks passed: the transaction's effects, at once
         for p, f, _ in fenced:

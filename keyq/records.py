@@ -48,7 +48,7 @@ class StoredState:
     state: JSON
     version: int
     fence: int
-    recent_ids: list[str]
+    recent_ids: JSON  # the dedupe window as stored (keyq.dedupe)
     active: bool
 
 
@@ -60,7 +60,7 @@ class StateWrite:
     key: str
     state: JSON
     version: int
-    recent_ids: list[str]
+    recent_ids: JSON  # the dedupe window as stored (keyq.dedupe)
     active: bool = True
 
 

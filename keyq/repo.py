@@ -331,7 +331,7 @@ class Repo:
                         )
                         for row in rows:
                             found[(entity, row.key)] = StoredState(
-                                row.state, row.version, row.fence, list(row.recent_ids), row.active
+                                row.state, row.version, row.fence, row.recent_ids, row.active
                             )
         except SQLAlchemyError as e:
             raise RepoError(

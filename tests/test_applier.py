@@ -12,6 +12,7 @@ import pytest
 
 from keyq.activations import ActivationTable
 from keyq.applier import Applier, BatchOutcome
+from keyq.dedupe import DedupeWindow
 from keyq.entity import Entity, EntityRegistry, handler
 from keyq.envelope import make_envelope
 from keyq.errors import Rejected, StaleWriteError
@@ -339,7 +340,10 @@ def test_dedupe_window_keeps_the_newest_ids(h: Harness, settings: Settings) -> N
     h.apply(envs[:3])
     h.apply(envs[3:])
     stored = h.repo.load_one("sequence", "w")
-    assert stored is not None and stored.recent_ids == [e["id"] for e in envs[-4:]]
+    assert stored is not None
+    window = DedupeWindow.from_stored(stored.recent_ids)
+    assert len(window) == 4 and window.last == [e["id"] for e in envs]
+    assert [window.seen(e["id"]) for e in envs] == [False, False, True, True, True, True]
 
 
 def test_nul_characters_never_reach_the_database(h: Harness) -> None:

@@ -72,7 +72,7 @@ def test_activation_cap_evicts_least_recently_used_first(
 
 def _act(key: str, partition: int = 0) -> Activation:
     entity_type = EntityRegistry([Lifecycle]).get("lifecycle")
-    return Activation(entity_type, key, partition, {"activations": 1}, 1, [])
+    return Activation(entity_type, key, partition, {"activations": 1}, 1)
 
 
 def test_activation_table_never_exceeds_its_cap_and_drops_idle_oldest_first() -> None:
