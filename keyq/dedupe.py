@@ -6,8 +6,9 @@ of a key rewrites its window, so its size is paid on every write: 256 ids as a J
 about 9 KB, and a 1-row PostgreSQL commit cost 470 us of server CPU with them against 173 us with
 10 ids (measured; the same with TOAST settings changed: it is the size of the value). So the
 window is kept as 8-byte fingerprints of the ids (the first 8 bytes of BLAKE2b): 2 KB for 256,
-about 3.1 KB stored with the newest ids. Two different ids share a fingerprint with probability 2^-64, so a message
-is taken for a duplicate it is not with probability at most 256 / 2^64 (about 1.4e-17).
+about 3.1 KB stored with the newest ids. Two different ids share a fingerprint with probability
+2^-64, so a message is taken for a duplicate it is not with probability at most 256 / 2^64
+(about 1.4e-17).
 
 The newest ids are also kept whole (LAST_IDS), for `keyq inspect`. The stored form, in the
 state row's JSON column, is ``{"v": 2, "fp": "<base64, oldest first>", "last": [ids]}``; the
