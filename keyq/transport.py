@@ -108,6 +108,7 @@ class QoS(kombu_redis.QoS):
 
 
 TICK_FALLBACK_S = 1.0  # the wake BRPOP's own timeout: the ticker, not Redis, paces the waits
+PACKED_COMMANDS = 256  # packed fetch and wait commands a channel keeps (one per queue order)
 TICK_TTL_MS = 2000  # a dead channel's tick list goes away by itself
 TICK_ABANDONED_S = 5.0  # a ticker whose channel has not waited this long ends
 
@@ -171,6 +172,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
         self._keyq_noack: set[str] = set()  # queues consumed without acks (control replies)
+        self._keyq_packed: dict[tuple[object, ...], Any] = {}  # fetch and wait commands, packed
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options or {}
         self._keyq_max_depth = int(options.get(MAX_DEPTH_OPTION, 0) or 0)
@@ -178,6 +180,7 @@ class Channel(kombu_redis.Channel):
         self._keyq_replica_timeout_ms = int(options.get(REPLICA_TIMEOUT_OPTION, 0) or 0)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        self._keyq_packed.clear()  # a queue's acked flag is in its packed fetch
         if no_ack:
             self._keyq_noack.add(queue)
         else:
@@ -248,9 +251,33 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        tick: str | None = None
         if self._keyq_fetch_next:
             sha = self._keyq_script()  # before _in_poll: may use the connection itself
+            ident: tuple[object, ...] = (sha, *queues)
+        else:
+            period = float(self.connection.client.transport_options.get(TICK_OPTION) or 0)
+            tick = self._keyq_tick_key(period) if period > 0 else None
+            ident = (tick, timeout, *queues)
+        # the same few commands go out again and again (one per order of the queue cycle):
+        # each is packed once (70 arguments took a tenth of an idle worker's CPU per message)
+        packed = self._keyq_packed.get(ident)
+        if packed is None:
+            packed = self._keyq_pack(queues, timeout, tick)
+            if len(self._keyq_packed) >= PACKED_COMMANDS:
+                self._keyq_packed.clear()
+            self._keyq_packed[ident] = packed
+        self._keyq_waiting = not self._keyq_fetch_next
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self.client.connection.send_packed_command(packed)
+
+    def _keyq_pack(self, queues: list[str], timeout: float | None, tick: str | None) -> Any:
+        """The fetch script (or, while waiting, the BRPOP on the wake lists and the channel's
+        tick list) for these queues in this order, packed for the wire."""
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        if self._keyq_fetch_next:
+            sha = self._keyq_script()
             acked = [
                 "0" if queue in self._keyq_noack else "1"
                 for _pri in self.priority_steps
@@ -265,20 +292,13 @@ class Channel(kombu_redis.Channel):
                 self.unacked_index_key,
                 *acked,
             ]
-            self._keyq_waiting = False
-        else:
-            period = float(self.connection.client.transport_options.get(TICK_OPTION) or 0)
-            if period > 0:  # a worker's consumer: its ticker paces the looks
-                tick = self._keyq_tick_key(period)
-                command = ["BRPOP", *(wake_key(k) for k in keys), tick, TICK_FALLBACK_S]
-            else:  # a short-lived consumer (control replies): the wait's own timeout
-                command = ["BRPOP", *(wake_key(k) for k in keys), timeout or 0]
-            self._keyq_waiting = True
-        self._in_poll = self.client.connection
-        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        elif tick is not None:  # a worker's consumer: its ticker paces the looks
+            command = ["BRPOP", *(wake_key(k) for k in keys), tick, TICK_FALLBACK_S]
+        else:  # a short-lived consumer (control replies): the wait's own timeout
+            command = ["BRPOP", *(wake_key(k) for k in keys), timeout or 0]
         if self.global_keyprefix:
             command = self.client._prefix_args(command)
-        self.client.connection.send_command(*command)
+        return self.client.connection.pack_command(*command)
 
     def _keyq_tick_key(self, period: float) -> str:
         """This channel's own wake list (unprefixed, as the BRPOP's other keys), its ticker
