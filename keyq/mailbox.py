@@ -266,8 +266,8 @@ class Mailbox:
         self._claim_batch = register_composed(broker, "claim_batch", "claim", "drain", "nonempty")
         self._drain_many = register_composed(broker, "drain_many", "drain")
         self._drain_ready = register_composed(broker, "drain_ready", "drain")
-        # drain_ready's keys and lease values, built for the last held set it was given
-        self._ready_args: tuple[tuple[tuple[int, Lease], ...], list[bytes], list[bytes]] | None
+        # drain_ready's partitions, keys and lease values, built for the last held set given
+        self._ready_args: tuple[tuple[tuple[int, int], ...], list[bytes], list[bytes]] | None
         self._ready_args = None
 
     def queue(self, partition: int) -> str:
@@ -363,32 +363,38 @@ class Mailbox:
         }
 
     def drain_ready(
-        self, pipe: redis.client.Pipeline, held: Sequence[tuple[int, Lease]], room: int
+        self,
+        pipe: redis.client.Pipeline,
+        held: dict[int, int],
+        lease_of: Callable[[int, int], Lease],
+        room: int,
     ) -> Callable[[object], dict[int, list[bytes] | None]]:
         """Queue on a post-commit pipeline (after its settle) the next batch's first step: up
-        to `room` messages of the held partitions, each into its in-flight list under its
-        lease (drain_ready.lua). Returns the reader of the script's reply: per partition whose
-        in-flight list holds messages, ALL of them (None: the lease is not ours). The script's
-        arguments are built once per held set (this runs after every batch)."""
-        held = tuple(held)
+        to `room` messages of the held partitions (partition: token), each into its in-flight
+        list under its lease (`lease_of`; drain_ready.lua). Returns the reader of the script's
+        reply: per partition whose in-flight list holds messages, ALL of them (None: the lease
+        is not ours). The script's arguments are built once per held set (this runs after
+        every batch)."""
+        tokens = tuple(held.items())
         cached = self._ready_args
-        if cached is None or cached[0] != held:
+        if cached is None or cached[0] != tokens:
             keys: list[bytes] = []
             leases: list[bytes] = []
-            for partition, lease in held:
+            for partition, token in tokens:
+                lease = lease_of(partition, token)
                 keys += [
                     self.queue(partition).encode(),
                     self.inflight_key(partition).encode(),
                     lease[0].encode(),
                 ]
                 leases.append(lease[1].encode())
-            cached = self._ready_args = (held, keys, leases)
+            cached = self._ready_args = (tokens, keys, leases)
         self._drain_ready(keys=cached[1], args=[room, *cached[2]], client=pipe)
 
         def read(reply: object) -> dict[int, list[bytes] | None]:
             items = list(reply) if isinstance(reply, list) else []
             return {
-                held[int(index) - 1][0]: None if got == -1 else [_b(m) for m in got]
+                tokens[int(index) - 1][0]: None if got == -1 else [_b(m) for m in got]
                 for index, got in zip(items[::2], items[1::2], strict=True)
             }
 

@@ -251,6 +251,7 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        sha: str | None = None
         tick: str | None = None
         if self._keyq_fetch_next:
             sha = self._keyq_script()  # before _in_poll: may use the connection itself
@@ -263,7 +264,7 @@ class Channel(kombu_redis.Channel):
         # each is packed once (70 arguments took a tenth of an idle worker's CPU per message)
         packed = self._keyq_packed.get(ident)
         if packed is None:
-            packed = self._keyq_pack(queues, timeout, tick)
+            packed = self._keyq_pack(queues, timeout, sha, tick)
             if len(self._keyq_packed) >= PACKED_COMMANDS:
                 self._keyq_packed.clear()
             self._keyq_packed[ident] = packed
@@ -272,12 +273,13 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         self.client.connection.send_packed_command(packed)
 
-    def _keyq_pack(self, queues: list[str], timeout: float | None, tick: str | None) -> Any:
-        """The fetch script (or, while waiting, the BRPOP on the wake lists and the channel's
-        tick list) for these queues in this order, packed for the wire."""
+    def _keyq_pack(
+        self, queues: list[str], timeout: float | None, sha: str | None, tick: str | None
+    ) -> Any:
+        """The fetch script `sha` (or, without one, the BRPOP on the wake lists and the
+        channel's tick list) for these queues in this order, packed for the wire."""
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        if self._keyq_fetch_next:
-            sha = self._keyq_script()
+        if sha is not None:
             acked = [
                 "0" if queue in self._keyq_noack else "1"
                 for _pri in self.priority_steps

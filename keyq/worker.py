@@ -652,8 +652,7 @@ class WorkerRuntime(OwnershipHooks):
             for write in self.post_commit_writers:
                 write(pipe, outcome)
             if follow:  # last: after the settle of the same partitions' in-flight lists
-                held = [(p, self.lease(p, t)) for p, t in follow.items()]
-                read = self.mailbox.drain_ready(pipe, held, self.settings.batch_max)
+                read = self.mailbox.drain_ready(pipe, follow, self.lease, self.settings.batch_max)
             sent = True
             replies = pipe.execute()
             return None if read is None else read(replies[-1])

@@ -259,6 +259,11 @@ def test_drain_many_drains_several_partitions_in_one_step_under_each_lease(
     assert redis_client.llen(mailbox.queue(3)) == 3  # not our lease: untouched
 
 
+def _lease_of(partition: int, token: int) -> tuple[str, str]:
+    """The worker's lease of a partition as _lease() writes it (mb:lease:<p>, me|<token>)."""
+    return f"mb:lease:{partition}", f"me|{token}"
+
+
 def test_drain_ready_takes_the_next_batch_in_turn_under_each_lease_after_the_settle(
     redis_client: redis.Redis, mailbox: Mailbox
 ) -> None:
@@ -271,12 +276,13 @@ def test_drain_ready_takes_the_next_batch_in_turn_under_each_lease_after_the_set
             redis_client.lpush(mailbox.queue(p), raw(celery_message([{"id": f"{p}-{i}"}], "t")))
         redis_client.lpush(f"{mailbox.queue(p)}:wake", 1)
     redis_client.rpush(mailbox.inflight_key(1), raw(celery_message([{"id": "1-old"}], "t")))
-    mine = {p: _lease(redis_client, mailbox, p, "me|1") for p in (0, 1, 3)}
-    theirs2 = _lease(redis_client, mailbox, 2, "other|4")
-    held = [(2, (theirs2[0], "me|1")), (0, mine[0]), (1, mine[1]), (3, mine[3])]
+    for p in (0, 1, 3):
+        _lease(redis_client, mailbox, p, "me|1")
+    _lease(redis_client, mailbox, 2, "other|4")
+    held = {2: 1, 0: 1, 1: 1, 3: 1}  # partition: our token; partition 2's lease is another's
     pipe = redis_client.pipeline(transaction=False)
     pipe.ping()
-    read = mailbox.drain_ready(pipe, held, 5)
+    read = mailbox.drain_ready(pipe, held, _lease_of, 5)
     got = read(pipe.execute()[-1])
     ids = {
         p: None if ms is None else [decode(m, TASKS, DISPATCH_TASK).envelopes[0]["id"] for m in ms]
@@ -290,7 +296,7 @@ def test_drain_ready_takes_the_next_batch_in_turn_under_each_lease_after_the_set
     assert redis_client.exists(f"{mailbox.queue(1)}:wake")  # one message still waits
     # a second run (a pipeline sent again) returns what both took
     pipe = redis_client.pipeline(transaction=False)
-    read = mailbox.drain_ready(pipe, [(0, mine[0]), (3, mine[3])], 2)
+    read = mailbox.drain_ready(pipe, {0: 1, 3: 1}, _lease_of, 2)
     again = read(pipe.execute()[-1])
     assert [len(again[0] or []), len(again[3] or [])] == [3, 2]
 
@@ -304,9 +310,9 @@ def test_drain_ready_leaves_a_twice_delivered_message_for_the_fetch(
     redis_client.lpush(q, raw(celery_message([{"id": "a"}], "ta")))
     redis_client.lpush(q, redelivered(redelivered(raw(celery_message([{"id": "b"}], "tb")))))
     redis_client.lpush(q, raw(celery_message([{"id": "c"}], "tc")))
-    lease = _lease(redis_client, mailbox, 0, "me|1")
+    _lease(redis_client, mailbox, 0, "me|1")
     pipe = redis_client.pipeline(transaction=False)
-    read = mailbox.drain_ready(pipe, [(0, lease)], 10)
+    read = mailbox.drain_ready(pipe, {0: 1}, _lease_of, 10)
     got = read(pipe.execute()[-1])
     assert [decode(m, TASKS, DISPATCH_TASK).envelopes[0]["id"] for m in got[0] or []] == ["a"]
     assert [m["headers"]["id"] for m in _queue(redis_client, mailbox, 0)] == ["id-tb", "id-tc"]

@@ -110,10 +110,7 @@ class Bench:
     # --- helpers ---------------------------------------------------------------------------
 
     def _queue_total(self, queues: list[str]) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        for q in queues:
-            pipe.llen(q)
-        return sum(int(n) for n in pipe.execute())
+        return sum(self._lengths(queues))
 
     def _stage(self, queues: list[str]) -> list[str]:
         """Move the filled queues aside (one MULTI), while their workers start."""
