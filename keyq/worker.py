@@ -473,16 +473,24 @@ class WorkerRuntime(OwnershipHooks):
         drained = self._after_commit(
             outcome, batch.leases, settle=parts if together else (), follow=follow
         )
-        for p in [] if together else parts:
-            try:
-                self.mailbox.settle(p, batch.leases[p])
-            except Exception as e:  # committed: a restore would only bring back duplicates
-                log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
-        self._count(outcome)
-        if follow is None:
-            return None
-        self._follow_guess.learn(bool(drained))
-        return self._next_batch(drained, follow) if drained else None
+        try:
+            taken = None
+            if follow is not None:
+                self._follow_guess.learn(bool(drained))
+                taken = self._next_batch(drained, follow) if drained else None
+            for p in [] if together else parts:
+                try:
+                    self.mailbox.settle(p, batch.leases[p])
+                except Exception as e:  # committed: a restore would only bring back duplicates
+                    log.error("keyq could not clear in-flight list partition=%s: %s", p, e)
+            self._count(outcome)
+        except Exception:
+            if drained and follow is not None:
+                # the next batch already sits in the in-flight lists, never applied: back to
+                # its queue heads as it was, before the caller abandons this batch
+                self._put_back(self._held({p: follow[p] for p in drained}), bump=False)
+            raise
+        return taken
 
     def _next_batch(
         self, drained: dict[int, list[bytes] | None], held: dict[int, int]
@@ -539,6 +547,11 @@ class WorkerRuntime(OwnershipHooks):
         for p in batch.leases:
             self.activations.drop_partition(p)  # effects that never reached a commit
         self._put_back(batch, bump=True)
+
+    def _held(self, tokens: dict[int, int]) -> _Batch:
+        """A batch that names partitions (under these tokens) but holds nothing read yet: what
+        a put-back needs of in-flight lists the worker never got to apply."""
+        return _Batch(leases={p: self.lease(p, t) for p, t in tokens.items()}, tokens=dict(tokens))
 
     def _put_back(self, batch: _Batch, *, bump: bool) -> None:
         for p, lease in batch.leases.items():
@@ -665,13 +678,7 @@ class WorkerRuntime(OwnershipHooks):
                 # the pipeline may have taken the next batch into the in-flight lists: all of
                 # them go back to their queue heads (this batch's messages too, if its settle
                 # did not run: the dedupe ledger skips them when they come again)
-                self._put_back(
-                    _Batch(
-                        leases={p: self.lease(p, t) for p, t in follow.items()},
-                        tokens=dict(follow),
-                    ),
-                    bump=False,
-                )
+                self._put_back(self._held(follow), bump=False)
                 settle = [p for p in settle if p not in follow]
             for p in settle:  # on their own, then: committed messages must not stay in flight
                 try:

@@ -13,6 +13,10 @@ it wraps the named methods so that the worker fails exactly where the test wants
 - ``follow-reply-lost=N``: the Nth post-commit round trip that took a next batch into the
   in-flight lists (Mailbox.drain_ready's reply names messages) raises while its reply is read,
   as if the connection died after Redis had run it: the worker never sees those messages.
+- ``follow-then-fail=N``: the Nth batch whose post-commit round trip took a next batch raises
+  right after it (in WorkerRuntime._count): that next batch sits in the in-flight lists, read
+  but never applied. From then on the worker takes no follow-on batch (as when a stream turns
+  sparse), so no later follow-on drain can pick those in-flight lists up by chance.
 
 Several faults are separated by commas.
 """
@@ -101,6 +105,37 @@ def _lose_follow_reply(n: int) -> None:
     Mailbox.drain_ready = drain_ready  # type: ignore[method-assign]
 
 
+def _fail_after_follow(n: int) -> None:
+    original_ready, original_count = Mailbox.drain_ready, WorkerRuntime._count
+    original_follow_on = WorkerRuntime._follow_on
+    state = {"took": False, "n": 0}
+
+    def drain_ready(self: Mailbox, *args: Any, **kwargs: Any) -> Any:
+        read = original_ready(self, *args, **kwargs)
+
+        def noting(reply: object) -> Any:
+            got = read(reply)
+            state["took"] = any(got.values())
+            return got
+
+        return noting
+
+    def count(self: WorkerRuntime, outcome: BatchOutcome) -> None:
+        took, state["took"] = state["took"], False
+        if took:
+            state["n"] += 1
+            if state["n"] == n:
+                raise RuntimeError(f"injected fault: batch {n} that followed on failed after")
+        original_count(self, outcome)
+
+    def follow_on(self: WorkerRuntime, *args: Any) -> Any:
+        return None if state["n"] >= n else original_follow_on(self, *args)
+
+    Mailbox.drain_ready = drain_ready  # type: ignore[method-assign]
+    WorkerRuntime._count = count  # type: ignore[method-assign]
+    WorkerRuntime._follow_on = follow_on  # type: ignore[method-assign]
+
+
 def install(spec: str) -> None:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         target, _, count = item.partition("=")
@@ -113,6 +148,9 @@ def install(spec: str) -> None:
             continue
         if target == "follow-reply-lost":
             _lose_follow_reply(int(count))
+            continue
+        if target == "follow-then-fail":
+            _fail_after_follow(int(count))
             continue
         cls_name, _, method = target.partition(".")
         _fail_on_call(_CLASSES[cls_name], method, int(n), how)

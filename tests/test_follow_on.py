@@ -2,7 +2,8 @@
 batch is taken in the post-commit round trip of the one before (Mailbox.drain_ready). On a real
 worker: the batches it reports as followed on, every journal exactly as sent; and when the
 reply of such a round trip is lost after Redis ran it (the next batch sits in the in-flight
-lists, unseen by the worker), nothing is lost, doubled or reordered."""
+lists, unseen by the worker), or the batch fails after it, nothing is lost, doubled or
+reordered."""
 
 from __future__ import annotations
 
@@ -65,16 +66,41 @@ def test_a_steady_stream_is_applied_batch_after_batch_without_the_fetch(
     assert repo.dead_letters() == []
 
 
-def test_a_lost_follow_on_reply_loses_doubles_and_reorders_nothing(
-    start_worker: WorkerFactory, client: Client, repo: Repo
+def stream_under_fault(
+    start_worker: WorkerFactory, client: Client, repo: Repo, fault: str, fired: str
 ) -> None:
-    worker = start_worker(
-        env={faults.FAULTS_ENV: "follow-reply-lost=2", "KEYQ_ENTITY_MODULES": ENTITY_MODULES}
-    )
+    """The stream on a worker with this fault: every journal exactly as sent, the worker alive,
+    the fault fired (its log says `fired`), nothing dead-lettered."""
+    worker = start_worker(env={faults.FAULTS_ENV: fault, "KEYQ_ENTITY_MODULES": ENTITY_MODULES})
     stream(client).join(60)
     poll(lambda: all_applied(repo), timeout=60, what="every journal exactly as sent")
     assert worker.proc.poll() is None, worker.log()[-2000:]
-    assert "injected fault: follow-on reply 2 lost" in worker.log(), (
-        "the fault never fired: the test proved nothing"
-    )
+    assert fired in worker.log(), "the fault never fired: the test proved nothing"
     assert repo.dead_letters() == []
+
+
+def test_a_lost_follow_on_reply_loses_doubles_and_reorders_nothing(
+    start_worker: WorkerFactory, client: Client, repo: Repo
+) -> None:
+    stream_under_fault(
+        start_worker,
+        client,
+        repo,
+        "follow-reply-lost=2",
+        "injected fault: follow-on reply 2 lost",
+    )
+
+
+def test_a_batch_that_fails_after_taking_the_next_one_loses_nothing(
+    start_worker: WorkerFactory, client: Client, repo: Repo
+) -> None:
+    """Something unplanned raises after the post-commit round trip took the next batch into
+    the in-flight lists: that batch goes back to its queue heads, not left behind (a later
+    claim's settle would have deleted it)."""
+    stream_under_fault(
+        start_worker,
+        client,
+        repo,
+        "follow-then-fail=2",
+        "injected fault: batch 2 that followed on failed after",
+    )
