@@ -147,6 +147,17 @@ class PartitionOwnership:
         with self._lock:
             return dict(self._held)
 
+    def serving(self) -> dict[int, int]:
+        """The held partitions this node consumes now (see token): not one given up by the
+        task body, whose lease may still name this node in Redis until the next tick."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                p: t
+                for p, t in self._held.items()
+                if self._lost.get(p) != t and now < self._valid_until.get(p, 0.0)
+            }
+
     def members(self) -> list[str]:
         with self._lock:
             return list(self._members)

@@ -248,7 +248,8 @@ class WorkerRuntime(OwnershipHooks):
         # delivered more than once before: applied alone, so a poison pill stays alone (once
         # before, a takeover's in-flight batch, still goes with others: see drain.lua)
         alone = trigger.deliveries > REDELIVERED_IN_BATCH
-        others = {} if alone else {p: t for p, t in self.ownership.held().items() if p != partition}
+        serving = {} if alone else self.ownership.serving()
+        others = {p: t for p, t in serving.items() if p != partition}
         room = 0 if alone else max(0, self.settings.batch_max - len(trigger.envelopes))
         # partitions just claimed and not served yet (a takeover's backlog): this batch shares
         # its room with them, so every one of them is served by it (keyq.mailbox.claim_batch)
@@ -349,8 +350,9 @@ class WorkerRuntime(OwnershipHooks):
         return self._commit(batch, self._follow_on(batch, began))
 
     def _follow_on(self, batch: _Batch, began: float) -> dict[int, int] | None:
-        """The partitions (and tokens) whose waiting messages the batch's post-commit round
-        trip may take as the next batch, or None: it may when Redis is also the broker (one
+        """The partitions served here (and their tokens; never one given up since its last
+        claim, see PartitionOwnership.serving) whose waiting messages the batch's post-commit
+        round trip may take as the next batch, or None: it may when Redis is also the broker (one
         pipeline settles and drains), the batch is no redelivered message applied alone, no
         partition just taken over waits for the broker fetch's fair shares, the worker has
         not gone FOLLOW_ON_S without returning to Celery's event loop, and such drains have
@@ -361,7 +363,7 @@ class WorkerRuntime(OwnershipHooks):
             return None
         if not self._follow_guess.ask():
             return None
-        return self.ownership.held() or None
+        return self.ownership.serving() or None
 
     def _decode(self, raw: bytes) -> Delivery:
         """A raw message of a queue, in-flight or poison list. A poison-list message that reads

@@ -74,11 +74,15 @@ def test_a_fault_at_any_step_of_a_batch_loses_doubles_and_reorders_nothing(
             expected[k].append(n)
         if n % 4 == 0:
             expected[KEYS[n]].append("single")
-    poll(
-        lambda: all(journal(repo, k) == expected[k] for k in KEYS),
-        timeout=60,
-        what=f"every journal exactly as sent despite the fault {fault}",
-    )
+    try:
+        poll(
+            lambda: all(journal(repo, k) == expected[k] for k in KEYS),
+            timeout=60,
+            what=f"every journal exactly as sent despite the fault {fault}",
+        )
+    except AssertionError as e:
+        wrong = {k: journal(repo, k) for k in KEYS if journal(repo, k) != expected[k]}
+        raise AssertionError(f"{e}; wrong journals {wrong}\n{worker.log()[-4000:]}") from None
     assert worker.proc.poll() is None, worker.log()[-2000:]
     assert "injected fault" in worker.log(), "the fault never fired: the test proved nothing"
     assert repo.dead_letters() == []

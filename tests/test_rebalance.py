@@ -337,15 +337,17 @@ def test_lease_loss_is_tracked_by_token_not_by_partition(
     a.tick()
     old = a.token(0)
     assert old is not None
+    assert a.serving()[0] == old
     a.mark_lost(0, old)
     assert a.token(0) is None, "the lost lease stops applying at once"
+    assert 0 not in a.serving() and a.held()[0] == old, "given up, though the loop holds it"
     a.leases.release(0, "node-a", old)
     report = a.tick()
     assert 0 in report.lost and 0 in report.acquired
     new = a.token(0)
     assert new is not None and new > old
     a.mark_lost(0, old)  # late: about the lease given up above
-    assert a.token(0) == new
+    assert a.token(0) == new and a.serving()[0] == new
     a.heartbeat()
     assert 0 not in a.tick().lost
     a.mark_lost(0, new)
