@@ -45,6 +45,17 @@ def converged(client: redis.Redis, settings: Settings) -> bool:
     return lease_owners(client, settings) == want
 
 
+def sharing_hostnames(settings: Settings, *prefixes: str) -> tuple[str, ...]:
+    """Worker hostnames (node ids) that rendezvous hashing gives some partitions each: two
+    random names leave one node with none about 1 in 128 times with 8 partitions, and a test
+    waiting for every worker to own partitions then waits forever."""
+    return next(
+        names
+        for names in (tuple(f"{prefix}-{i}" for prefix in prefixes) for i in range(1000))
+        if all(assignment(settings.partitions, list(names)).values())
+    )
+
+
 def reported_partitions(client: redis.Redis, settings: Settings) -> dict[str, list[int]]:
     """What each live member says it consumes (its heartbeat's member info)."""
     out: dict[str, list[int]] = {}

@@ -19,6 +19,7 @@ from tests.conftest import ROOT, WorkerFactory, poll, settings_env
 from tests.ownership_helpers import (  # noqa: F401  (database_url: PostgreSQL only)
     database_url,
     lease_owners,
+    sharing_hostnames,
 )
 
 
@@ -75,7 +76,7 @@ def test_names_of_a_crashed_node_resolve_as_not_active(
 def test_lookups_of_active_keys_never_fail_under_load(
     start_worker: WorkerFactory, client: Client, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    workers = [start_worker(), start_worker()]
+    workers = [start_worker(hostname=n) for n in sharing_hostnames(settings, "ra", "rb")]
     nodes = {w.node_id(redis_client, settings) for w in workers}
     poll(
         lambda: (

@@ -14,7 +14,6 @@ from pathlib import Path
 import redis
 
 from keyq.client import Client
-from keyq.cluster import assignment
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
@@ -22,6 +21,7 @@ from tests.ownership_helpers import (  # noqa: F401  (database_url: PostgreSQL o
     database_url,
     keys_in_partition,
     lease_owners,
+    sharing_hostnames,
 )
 
 
@@ -84,12 +84,7 @@ def test_kill_under_load_loses_nothing_and_keeps_every_key_in_order(
     redis_client: redis.Redis,
     record_property: Callable[[str, object], None],
 ) -> None:
-    # names that rendezvous gives partitions each (two random ones leave one idle, 1 in 128)
-    names = next(
-        pair
-        for pair in ((f"victim-{i}", f"survivor-{i}") for i in range(100))
-        if all(assignment(settings.partitions, list(pair)).values())
-    )
+    names = sharing_hostnames(settings, "victim", "survivor")
     victim = start_worker(hostname=names[0])
     survivor = start_worker(hostname=names[1])
     victim_node = victim.node_id(redis_client, settings)
