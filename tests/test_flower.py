@@ -231,11 +231,14 @@ def test_the_events_of_many_batches_go_out_in_few_broker_messages(
     finally:
         flower.close()
         pubsub.close()
-    events = []
-    for message in published:
+    events, ours = [], 0
+    for message in published:  # (any other process's events on this server are left out)
         body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-        events += body if isinstance(body, list) else [body]
+        sent = body if isinstance(body, list) else [body]
+        mine = [e for e in sent if "node-coalesce" in e["hostname"]]
+        events += mine
+        ours += bool(mine)
     succeeded = sorted(e["uuid"] for e in events if e["type"] == "task-succeeded")
     assert succeeded == sorted(f"m{b}" for b in range(20))
     assert len(events) == 60  # received, started, succeeded: each message's three
-    assert 1 <= len(published) <= 3, f"{len(published)} publishes for 20 batches"
+    assert 1 <= ours <= 3, f"{ours} publishes for 20 batches"
