@@ -38,9 +38,7 @@ def readd_cancelled(consumer: Any, ownership: PartitionOwnership, settings: Sett
     if task_consumer is None:  # the consumer is (re)starting: its start re-adds our queues
         return []
     readded: list[int] = []
-    for partition in sorted(ownership.held()):
-        if ownership.token(partition) is None:  # lost or expiring: the tick drops it
-            continue
+    for partition in sorted(ownership.serving()):  # not lost or expiring: the tick drops those
         queue = settings.queue_name(partition)
         if task_consumer.consuming_from(queue):
             continue

@@ -128,13 +128,15 @@ class PartitionOwnership:
 
     def token(self, partition: int) -> int | None:
         """The fencing token if this node holds and consumes the partition now."""
+        now = time.monotonic()
         with self._lock:
             token = self._held.get(partition)
-            if token is None or self._lost.get(partition) == token:
-                return None
-            if time.monotonic() >= self._valid_until.get(partition, 0.0):
-                return None
-            return token
+            return token if token is not None and self._serves(partition, token, now) else None
+
+    def _serves(self, partition: int, token: int, now: float) -> bool:
+        """Held under `token`, not given up by the task body, its lease valid here (under
+        self._lock)."""
+        return self._lost.get(partition) != token and now < self._valid_until.get(partition, 0.0)
 
     def mark_lost(self, partition: int, token: int) -> None:
         """The task body learnt that the lease `token` of the partition moved on (a refused
@@ -152,11 +154,7 @@ class PartitionOwnership:
         task body, whose lease may still name this node in Redis until the next tick."""
         now = time.monotonic()
         with self._lock:
-            return {
-                p: t
-                for p, t in self._held.items()
-                if self._lost.get(p) != t and now < self._valid_until.get(p, 0.0)
-            }
+            return {p: t for p, t in self._held.items() if self._serves(p, t, now)}
 
     def members(self) -> list[str]:
         with self._lock:
