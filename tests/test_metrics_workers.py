@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from keyq.cache import StateCache
 from keyq.client import Client
 from keyq.cluster_metrics import read_snapshot
 from keyq.errors import HandlerCrashedError
@@ -49,6 +50,13 @@ def test_workers_export_per_entity_counters_and_one_process_the_partition_figure
         client.send("counter", f"k{i}", "add", {"by": 1})
     last = f"k{n - 1}"
     poll(lambda: client.read("counter", last) == {"value": 1}, what="the last counter applied")
+    # the two workers apply their own partitions: the last key applied says nothing of the
+    # other worker's keys (a read before its commit is a miss, not a hit)
+    cache = StateCache(redis_client, settings)
+    poll(
+        lambda: all(cache.get("counter", f"k{i}") is not None for i in range(10)),
+        what="the first ten counters applied and cached",
+    )
     for i in range(10):
         client.read("counter", f"k{i}")  # cache hits, counted in Redis by this producer
     hits = int(redis_client.hget(settings.redis_key("stats", "cache"), "hits") or 0)
