@@ -201,10 +201,31 @@ class SentinelGroup:
 
         return self.node(int(str(wait_until(promoted, timeout, "a replica to be promoted"))))
 
-    def restart(self, node: Server) -> Server:
-        """Start a killed data node again on its port (the sentinels make it a replica)."""
+    def restart(self, node: Server, replica_of: int | None = None) -> Server:
+        """Start a killed data node again on its port; with `replica_of`, as that node's replica
+        (what an operator does, so that no empty primary exists for a sentinel to elect),
+        otherwise as it first started (the sentinels convert a returning primary on their own
+        schedule)."""
         node.proc = None
+        if replica_of is not None:
+            args = list(node.args)
+            if "--replicaof" in args:
+                at = args.index("--replicaof")
+                del args[at : at + 3]
+            node.args = [*args, "--replicaof", "127.0.0.1", str(replica_of)]
         return node.start()
+
+    def settled_primary(self) -> Server | None:
+        """The node every sentinel names primary, if it says it is one and has all its replicas
+        connected; None while the group is still settling."""
+        ports = {master_port(w) for w in self.watchers}
+        if len(ports) != 1:
+            return None
+        node = self.node(ports.pop())
+        info = node.client().info("replication")
+        if info["role"] != "master" or info["connected_slaves"] != self.replicas:
+            return None
+        return node
 
     def close(self) -> None:
         for server in [*self.watchers, *self.nodes]:
