@@ -61,8 +61,9 @@ passivations = Counter(
 )
 batches = Counter(
     "keyq_batches_total",
-    "Committed batches by how they began: 'fetch' (a broker delivery through Celery) or "
-    "'follow' (taken in the previous batch's post-commit round trip, under a steady stream)",
+    "Committed batches by how they began: 'fetch' (a broker delivery through Celery), "
+    "'follow' (taken in the previous batch's post-commit round trip, under a steady stream) or "
+    "'housekeeping' (messages the fetch refused, dead-lettered by the consumer loop's tick)",
     ["start"],
     registry=REGISTRY,
 )

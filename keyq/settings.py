@@ -98,6 +98,22 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a switch: write 1 or 0 (true/false, on/off)")
+
+
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     url = env.get(name) or default
     scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -147,6 +163,7 @@ ENV_VARIABLES: dict[str, str] = {
     "sentinel_password": "KEYQ_SENTINEL_PASSWORD",
     "publish_min_replicas": "KEYQ_PUBLISH_MIN_REPLICAS",
     "publish_replica_timeout_ms": "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS",
+    "follow_on": "KEYQ_FOLLOW_ON",
 }
 
 
@@ -196,6 +213,10 @@ class Settings:
     # primary has it), else NotReplicatedError after publish_replica_timeout_ms
     publish_min_replicas: int = 0
     publish_replica_timeout_ms: int = DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
+    # a worker under a steady stream takes its next batch in the post-commit round trip of
+    # the batch before (keyq.worker: the follow-on batch); off: every batch begins with the
+    # broker fetch and its claim (to compare, or to rule the follow-on out)
+    follow_on: bool = True
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -281,6 +302,7 @@ class Settings:
             publish_replica_timeout_ms=_int(
                 env, "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS", DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
             ),
+            follow_on=_bool(env, "KEYQ_FOLLOW_ON", True),
         )
         settings.check()
         return settings

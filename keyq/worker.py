@@ -352,11 +352,13 @@ class WorkerRuntime(OwnershipHooks):
     def _follow_on(self, batch: _Batch, began: float) -> dict[int, int] | None:
         """The partitions served here (and their tokens; never one given up since its last
         claim, see PartitionOwnership.serving) whose waiting messages the batch's post-commit
-        round trip may take as the next batch, or None: it may when Redis is also the broker (one
-        pipeline settles and drains), the batch is no redelivered message applied alone, no
-        partition just taken over waits for the broker fetch's fair shares, the worker has
-        not gone FOLLOW_ON_S without returning to Celery's event loop, and such drains have
-        been finding messages (keyq.learned)."""
+        round trip may take as the next batch, or None: it may when KEYQ_FOLLOW_ON is on, Redis
+        is also the broker (one pipeline settles and drains), the batch is no redelivered
+        message applied alone, no partition just taken over waits for the broker fetch's fair
+        shares, the worker has not gone FOLLOW_ON_S without returning to Celery's event loop,
+        and such drains have been finding messages (keyq.learned)."""
+        if not self.settings.follow_on:  # KEYQ_FOLLOW_ON=0
+            return None
         if batch.alone is not None or self._unserved or self.broker is not self.redis:
             return None
         if time.monotonic() - began > FOLLOW_ON_S:
@@ -711,9 +713,11 @@ class WorkerRuntime(OwnershipHooks):
     # --- housekeeping (consumer loop) ------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Passivate idle activations, publish due timers of held partitions, set gauges."""
+        """Passivate idle activations, publish due timers and dead-letter refused messages of
+        the partitions served here (never one given up since its last claim: its lease may still
+        name this node in Redis until the next ownership tick), set gauges."""
         idle = self.activations.idle()
-        held = self.ownership.held()
+        held = self.ownership.serving()
         kept = [a for a in idle if a.entity_type.instance.always_on]
         if kept:  # always-on keys stay activated and named; only the activation cap evicts them
             idle = [a for a in idle if not a.entity_type.instance.always_on]
@@ -758,7 +762,7 @@ class WorkerRuntime(OwnershipHooks):
                 if taken is None:
                     continue  # not ours any more
                 self._take(partition, [self._decode(m) for m in taken], batch)
-                self._commit(batch)
+                self._commit(batch, start="housekeeping")
             except Exception as e:
                 self._abandon(batch, e)
         if 0 in held:  # the default queue has no partition: partition 0's owner cleans it
@@ -780,7 +784,7 @@ class WorkerRuntime(OwnershipHooks):
                     _broker_dead_letter(-1, d, "undecodable", f"on {queue}: {why}")
                 )
             if taken:
-                self._commit(batch)
+                self._commit(batch, start="housekeeping")
         except Exception as e:
             self._abandon(batch, e)
 

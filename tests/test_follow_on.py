@@ -71,6 +71,22 @@ def test_a_steady_stream_is_applied_batch_after_batch_without_the_fetch(
     assert repo.dead_letters() == []
 
 
+def test_with_the_follow_on_switched_off_every_batch_begins_with_the_fetch(
+    start_worker: WorkerFactory, client: Client, repo: Repo
+) -> None:
+    """KEYQ_FOLLOW_ON=0: the same stream, every journal as sent, and no batch followed on."""
+    port = free_port()
+    start_worker(env={"KEYQ_METRICS_PORT": str(port), "KEYQ_FOLLOW_ON": "0"})
+    stream(client).join(60)
+    poll(lambda: all_applied(repo), timeout=60, what="every journal exactly as sent")
+    samples = scrape(port)
+    followed = samples.get(("keyq_batches_total", (("start", "follow"),)), 0.0)
+    fetched = samples.get(("keyq_batches_total", (("start", "fetch"),)))
+    assert fetched is not None and fetched >= 2, fetched
+    assert followed == 0, f"{followed} batches followed on with KEYQ_FOLLOW_ON=0"
+    assert repo.dead_letters() == []
+
+
 def stream_under_fault(
     start_worker: WorkerFactory,
     client: Client,

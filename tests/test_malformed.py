@@ -3,6 +3,7 @@ dead-lettered with their reason, pickled ones are never executed, and the partit
 
 from __future__ import annotations
 
+import base64
 import pathlib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from keyq.repo import Repo
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from tests.conftest import WorkerFactory, poll
+from tests.ops_helpers import free_port, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +122,32 @@ def test_garbage_on_a_partition_queue_does_not_stop_the_partition(
     poll(lambda: seen(repo, key) == [0, 1, 2], what="messages around broker garbage")
     assert worker.proc.poll() is None
     assert any("undecodable" in d.error_message for d in repo.dead_letters())
+
+
+def test_garbage_alone_on_a_partition_is_dead_lettered_by_a_housekeeping_batch(
+    start_worker: WorkerFactory, settings: Settings, repo: Repo, redis_client: redis.Redis
+) -> None:
+    """Nothing else arrives on the partition, so no batch takes the refused message along: the
+    consumer loop's tick dead-letters it, counted as keyq_batches_total{start="housekeeping"}
+    (it was counted as a fetch)."""
+    port = free_port()
+    start_worker(env={"KEYQ_METRICS_PORT": str(port)})
+    queue = settings.queue_name(PARTITION)
+    redis_client.lpush(queue, b"not json at all {")
+    redis_client.lpush(queue + ":wake", 1)
+    [dl] = poll(repo.dead_letters, what="the garbage's dead letter")  # type: ignore[misc]
+    assert dl.reason == "undecodable" and base64.b64decode(dl.raw) == b"not json at all {"
+
+    def batches() -> dict[str, float]:
+        samples = scrape(port)
+        return {
+            labels[0][1]: value
+            for (name, labels), value in samples.items()
+            if name == "keyq_batches_total"
+        }
+
+    counted = poll(lambda: batches().get("housekeeping"), what="the housekeeping batch counted")
+    assert counted == 1 and "fetch" not in batches(), batches()
 
 
 class _Touch:

@@ -57,6 +57,7 @@ EVERY_VARIABLE = {
     "KEYQ_RECONCILE_BUDGET_S": ("0.5", "reconcile_budget_s", 0.5),
     "KEYQ_CALL_TIMEOUT_S": ("2.5", "call_timeout_s", 2.5),
     "KEYQ_METRICS_PORT": ("9108", "metrics_port", 9108),
+    "KEYQ_FOLLOW_ON": ("off", "follow_on", False),
 }
 
 
@@ -113,6 +114,8 @@ BAD_VALUES = [
     ("KEYQ_BROKER_URL", "unix:///tmp/redis.sock", "must start with one of redis://"),
     ("KEYQ_DATABASE_URL", "mysql://root@db/keyq", "must start with one of sqlite://"),
     ("KEYQ_DATABASE_URL", "keyq.sqlite3", "must start with one of sqlite://"),
+    ("KEYQ_FOLLOW_ON", "maybe", "is not a switch: write 1 or 0"),
+    ("KEYQ_FOLLOW_ON", "2", "is not a switch"),
 ]
 
 
@@ -187,6 +190,14 @@ def test_queue_and_redis_key_names_carry_the_namespace() -> None:
     assert s.redis_key("reply", "abc") == "shop:reply:abc"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("0", False), ("True", True), ("false", False), (" ON ", True), ("no", False)],
+)
+def test_a_switch_reads_the_usual_spellings(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"KEYQ_FOLLOW_ON": raw}).follow_on is expected
+
+
 def test_to_env_round_trips_through_from_env() -> None:
     """What a parent process hands its workers is read back as exactly the same settings."""
     original = Settings.from_env(
@@ -197,6 +208,7 @@ def test_to_env_round_trips_through_from_env() -> None:
             "KEYQ_PARTITIONS": "12",
             "KEYQ_IDLE_TIMEOUT_S": "0.25",
             "KEYQ_RECONCILE_BUDGET_S": "0.1",
+            "KEYQ_FOLLOW_ON": "0",
         }
     )
     env = original.to_env()
