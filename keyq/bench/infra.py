@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +14,10 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from keyq.errors import ConfigurationError
 from keyq.mailbox import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KOMBU_UNACKED_MUTEX, drop_unacked
 from keyq.repo import Repo, normalize_url
-from keyq.settings import Settings
+from keyq.settings import ENV_VARIABLES, Settings
 
 BENCH_ENTITY_MODULES = ("keyq.examples",)  # the counter entity is the benchmark's workload
 # kombu keys that are not named after a queue; removed when nothing else is left in the database
@@ -31,6 +32,34 @@ KOMBU_BOOKKEEPING = frozenset(
         "_kombu.binding.celeryev",
     }
 )
+
+
+# what BenchServers.settings sets for every run: not for --setting to change
+BENCH_OWNED = frozenset({"broker_url", "redis_url", "database_url", "namespace", "entity_modules"})
+
+
+def setting_changes(pairs: Sequence[str]) -> dict[str, Any]:
+    """scripts/bench's --setting KEYQ_NAME=VALUE pairs as Settings field changes, read as a
+    worker reads them (Settings.from_env), so a misspelt variable or a bad value is refused
+    before the run starts, naming it."""
+    fields = {variable: name for name, variable in ENV_VARIABLES.items()}
+    env: dict[str, str] = {}
+    for pair in pairs:
+        variable, sep, value = pair.partition("=")
+        variable = variable.strip()
+        if not sep or variable not in fields:
+            raise ConfigurationError(
+                f"--setting {pair!r}: write KEYQ_NAME=VALUE with one of keyq's variables "
+                "(README: Configuration)"
+            )
+        if fields[variable] in BENCH_OWNED:
+            raise ConfigurationError(
+                f"--setting {pair!r}: the benchmark sets {variable} itself (its own servers, "
+                "namespace and entities); use --redis-url or --pg-admin-url for the servers"
+            )
+        env[variable] = value
+    parsed = Settings.from_env(env)
+    return {fields[variable]: getattr(parsed, fields[variable]) for variable in env}
 
 
 @dataclass

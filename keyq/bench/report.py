@@ -147,6 +147,9 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if isinstance(val, str))
     )
+    changed = doc.get("config", {}).get("settings")
+    if changed:  # scripts/bench --setting: not keyq's defaults
+        lines.append("keyq settings: " + ", ".join(changed))
     met = doc.get("targets", {})
     missed = [k for k, ok in met.items() if ok is False]
     lines.append("targets missed: " + (", ".join(missed) if missed else "none"))

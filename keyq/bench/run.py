@@ -31,9 +31,10 @@ from typing import Any
 from tqdm import tqdm
 
 from keyq.bench import report
-from keyq.bench.infra import BenchServers, machine, versions
+from keyq.bench.infra import BenchServers, machine, setting_changes, versions
 from keyq.bench.scenarios import Bench
 from keyq.bench.stats import latency_summary_ms, median_or_none, ratio
+from keyq.errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/6"
 DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -150,6 +151,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--loglevel", default="warning", help="log level of all workers")
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEYQ_NAME=VALUE",
+        help="run keyq's side with this setting (repeatable), e.g. KEYQ_FOLLOW_ON=0 to measure "
+        "without the follow-on batch; the run's servers, namespace and entities stay the bench's",
+    )
+    parser.add_argument(
         "--memory-script",
         action="store_true",
         help="full mode: measure memory with scripts/bench_memory (flushes --redis-url's DB)",
@@ -160,11 +169,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     repeats = args.repeats or mode.repeats
+    changes = setting_changes(args.setting)  # refused before anything starts
     servers = BenchServers.new(args.redis_url, args.pg_admin_url)
     doc: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "scripts/bench " + " ".join(sys.argv[1:]),
-        "config": {**asdict(mode), "repeats": repeats, "workers": args.workers},
+        "config": {
+            **asdict(mode),
+            "repeats": repeats,
+            "workers": args.workers,
+            "settings": list(args.setting),
+        },
         "namespace": servers.namespace,
         "database": servers.database,
         "machine": machine(),
@@ -173,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stages = 2 * repeats + 7
     bar = tqdm(total=stages, desc="bench", unit="stage")
     servers.create()
-    bench = Bench(servers, args.workers, args.loglevel)
+    bench = Bench(servers, args.workers, args.loglevel, changes)
     timings: dict[str, float] = {}
     doc["stage_s"] = timings
     current: list[Any] = ["setup", time.monotonic()]
@@ -368,7 +383,11 @@ def memory_figures(bench: Bench, args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
-    doc = run(args)
+    try:
+        doc = run(args)
+    except ConfigurationError as e:  # a --setting refused: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     doc["elapsed_s"] = round(time.monotonic() - started, 1)
     print(report.table(doc))
     print(f"elapsed: {doc['elapsed_s']} s")

@@ -87,9 +87,16 @@ def _check_alive(procs: list[Proc]) -> None:
 class Bench:
     """One benchmark run on its own database and Redis namespace."""
 
-    def __init__(self, servers: BenchServers, workers: int, loglevel: str = "warning") -> None:
+    def __init__(
+        self,
+        servers: BenchServers,
+        workers: int,
+        loglevel: str = "warning",
+        changes: dict[str, Any] | None = None,
+    ) -> None:
         self.servers = servers
-        self.settings: Settings = servers.settings()
+        # `changes` (scripts/bench --setting) reach every keyq worker through Settings.to_env
+        self.settings: Settings = servers.settings(**(changes or {}))
         self.workers = workers
         self.loglevel = loglevel
         self.redis = redis.Redis.from_url(self.settings.redis_url)
