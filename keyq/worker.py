@@ -717,7 +717,7 @@ class WorkerRuntime(OwnershipHooks):
         the partitions served here (never one given up since its last claim: its lease may still
         name this node in Redis until the next ownership tick), set gauges."""
         idle = self.activations.idle()
-        held = self.ownership.serving()
+        served = self.ownership.serving()
         kept = [a for a in idle if a.entity_type.instance.always_on]
         if kept:  # always-on keys stay activated and named; only the activation cap evicts them
             idle = [a for a in idle if not a.entity_type.instance.always_on]
@@ -725,7 +725,7 @@ class WorkerRuntime(OwnershipHooks):
                 self.activations.put(act)
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                self._register_names(pipe, kept, {p: self.lease(p, t) for p, t in held.items()})
+                self._register_names(pipe, kept, {p: self.lease(p, t) for p, t in served.items()})
                 pipe.execute()
             except redis.RedisError as e:
                 log.error("keyq could not renew %d always-on name(s): %s", len(kept), e)
@@ -735,12 +735,12 @@ class WorkerRuntime(OwnershipHooks):
             self._release_names(idle)
             metrics.passivations.labels("idle").inc(len(idle))
         metrics.activations.set(len(self.activations))
-        if held:
+        if served:
             try:
-                self.timers.tick(held)
+                self.timers.tick(served)
             except Exception as e:  # the next tick tries again; nothing was marked published
                 log.error("keyq timer poll failed node=%s error=%s", self.node_id, e)
-            self._dead_letter_poison(held)
+            self._dead_letter_poison(served)
 
     def _dead_letter_poison(self, held: dict[int, int]) -> None:
         """Dead-letter what the fetch refused on held partitions that receive nothing else
