@@ -38,6 +38,7 @@ from typing import Any
 
 import redis
 
+from keyq import resp
 from keyq.celery_app import DISPATCH_TASK
 from keyq.envelope import Envelope, random_id
 from keyq.errors import BrokerUnavailableError, NotReplicatedError, OverloadedError
@@ -312,12 +313,12 @@ class Publisher:
         parts = self._commands.get(cache_key)
         if parts is None:
             arguments = (b"EVALSHA", self._sha, b"2", queue.encode(), wake_key(queue).encode())
-            head = b"*7\r\n" + b"".join(map(_bulk, arguments))  # then the message, the limit
-            tail = b"\r\n" + _bulk(str(limit).encode())  # the message's own bulk string ends
+            head = b"*7\r\n" + b"".join(map(resp.bulk, arguments))  # then the message, the limit
+            tail = b"\r\n" + resp.bulk(str(limit).encode())  # the message's own bulk string ends
             replicas = self.settings.publish_min_replicas
             if replicas:
                 timeout_ms = self.settings.publish_replica_timeout_ms
-                tail += _pack(b"WAIT", str(replicas).encode(), str(timeout_ms).encode())[0]
+                tail += resp.command((b"WAIT", str(replicas).encode(), str(timeout_ms).encode()))
             if len(self._commands) >= COMMAND_CACHE_SIZE:
                 self._commands.clear()
             parts = self._commands[cache_key] = (head, tail)
@@ -338,15 +339,6 @@ class Publisher:
             for conn in self._connections:
                 conn.disconnect()
             self._connections.clear()
-
-
-def _pack(*parts: bytes) -> list[bytes]:
-    """A RESP array of bulk strings (what redis-py's pack_command makes, minus its generality)."""
-    return [b"*%d\r\n" % len(parts) + b"".join(map(_bulk, parts))]
-
-
-def _bulk(part: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(part), part)
 
 
 def not_replicated(queue: str, acked: int, required: int, timeout_ms: int) -> NotReplicatedError:

@@ -51,6 +51,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
+from keyq import resp
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK, TICK_OPTION
 from keyq.connections import SENTINEL_DEFAULT_PORT
 from keyq.learned import LearnedGuess
@@ -173,6 +174,7 @@ class Channel(kombu_redis.Channel):
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
         self._keyq_noack: set[str] = set()  # queues consumed without acks (control replies)
         self._keyq_packed: dict[tuple[object, ...], Any] = {}  # fetch and wait commands, packed
+        self._keyq_frames = resp.Fragments()  # their arguments, each framed once
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options or {}
         self._keyq_max_depth = int(options.get(MAX_DEPTH_OPTION, 0) or 0)
@@ -260,8 +262,10 @@ class Channel(kombu_redis.Channel):
             period = float(self.connection.client.transport_options.get(TICK_OPTION) or 0)
             tick = self._keyq_tick_key(period) if period > 0 else None
             ident = (tick, timeout, *queues)
-        # the same few commands go out again and again (one per order of the queue cycle):
-        # each is packed once (70 arguments took a tenth of an idle worker's CPU per message)
+        # the same few commands go out again and again: each is packed once per order of the
+        # queue cycle (70 arguments took a tenth of an idle worker's CPU per message); a
+        # delivery moves its queue to the end of the cycle, so the orders are many, and a new
+        # one is joined from arguments framed before (keyq.resp), not packed anew
         packed = self._keyq_packed.get(ident)
         if packed is None:
             packed = self._keyq_pack(queues, timeout, sha, tick)
@@ -275,7 +279,7 @@ class Channel(kombu_redis.Channel):
 
     def _keyq_pack(
         self, queues: list[str], timeout: float | None, sha: str | None, tick: str | None
-    ) -> Any:
+    ) -> list[bytes]:
         """The fetch script `sha` (or, without one, the BRPOP on the wake lists and the
         channel's tick list) for these queues in this order, packed for the wire."""
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
@@ -300,7 +304,7 @@ class Channel(kombu_redis.Channel):
             command = ["BRPOP", *(wake_key(k) for k in keys), timeout or 0]
         if self.global_keyprefix:
             command = self.client._prefix_args(command)
-        return self.client.connection.pack_command(*command)
+        return [self._keyq_frames.command(command)]
 
     def _keyq_tick_key(self, period: float) -> str:
         """This channel's own wake list (unprefixed, as the BRPOP's other keys), its ticker
