@@ -14,6 +14,7 @@ from queue import Empty
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 _delivering: dict[str, Any] = {}  # the kombu message being executed (solo pool: one at a time)
 # per worker app (by id): its runtime holder and the dispatch body, for keyq_strategy
 _DISPATCHERS: dict[int, tuple[dict[str, Any], Callable[[str, Any], None]]] = {}
+
+
+def shutting_down() -> bool:
+    """Celery has begun a warm or cold shutdown (SIGTERM, SIGQUIT, `celery control shutdown`):
+    its loop stops after the task in flight, so the worker starts no batch of its own."""
+    # Celery's own test (state.maybe_shutdown): a warm shutdown sets should_stop to 0 (EX_OK)
+    return any(
+        flag is not None and flag is not False
+        for flag in (worker_state.should_stop, worker_state.should_terminate)
+    )
 
 
 def settle_pending_read(consumer: Any) -> bool:
@@ -179,6 +190,7 @@ def build_worker_app(
                     add_queue=lambda q: consumer.add_task_queue(q),
                     cancel_queue=lambda q: consumer.cancel_task_queue(q),
                     settle=lambda: settle_pending_read(consumer),
+                    stopping=shutting_down,
                 )
                 holder["runtime"] = runtime
                 runtime.ownership.start_heartbeat()

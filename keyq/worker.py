@@ -97,6 +97,7 @@ class WorkerRuntime(OwnershipHooks):
         add_queue: Callable[[str], None] = lambda q: None,
         cancel_queue: Callable[[str], None] = lambda q: None,
         settle: Callable[[], bool] = lambda: False,
+        stopping: Callable[[], bool] = lambda: False,
         registry: EntityRegistry | None = None,
         repo: Repo | None = None,
     ) -> None:
@@ -135,6 +136,7 @@ class WorkerRuntime(OwnershipHooks):
         self._add_queue = add_queue
         self._cancel_queue = cancel_queue
         self._settle = settle
+        self._stopping = stopping  # a warm shutdown has begun (SIGTERM): no new batch
         self.ownership = PartitionOwnership(
             self.redis,
             settings,
@@ -352,12 +354,13 @@ class WorkerRuntime(OwnershipHooks):
     def _follow_on(self, batch: _Batch, began: float) -> dict[int, int] | None:
         """The partitions served here (and their tokens; never one given up since its last
         claim, see PartitionOwnership.serving) whose waiting messages the batch's post-commit
-        round trip may take as the next batch, or None: it may when KEYQ_FOLLOW_ON is on, Redis
-        is also the broker (one pipeline settles and drains), the batch is no redelivered
-        message applied alone, no partition just taken over waits for the broker fetch's fair
-        shares, the worker has not gone FOLLOW_ON_S without returning to Celery's event loop,
-        and such drains have been finding messages (keyq.learned)."""
-        if not self.settings.follow_on:  # KEYQ_FOLLOW_ON=0
+        round trip may take as the next batch, or None: it may when KEYQ_FOLLOW_ON is on, no
+        shutdown has begun (the batch in flight is the last), Redis is also the broker (one
+        pipeline settles and drains), the batch is no redelivered message applied alone, no
+        partition just taken over waits for the broker fetch's fair shares, the worker has
+        not gone FOLLOW_ON_S without returning to Celery's event loop, and such drains have
+        been finding messages (keyq.learned)."""
+        if not self.settings.follow_on or self._stopping():  # KEYQ_FOLLOW_ON=0, or SIGTERM
             return None
         if batch.alone is not None or self._unserved or self.broker is not self.redis:
             return None
@@ -474,6 +477,8 @@ class WorkerRuntime(OwnershipHooks):
         # one broker: the in-flight lists are settled in the post-commit pipeline, after the
         # replies (one round trip for all of it); else on their own, after it
         together = self.broker is self.redis
+        if follow is not None and self._stopping():
+            follow = None  # a shutdown began while the batch ran (SIGTERM): it is the last
         drained = self._after_commit(
             outcome, batch.leases, settle=parts if together else (), follow=follow
         )

@@ -7,17 +7,22 @@ reordered."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from keyq.client import Client
 from keyq.repo import Repo
+from keyq.settings import Settings
 from tests import faults
 from tests.conftest import WorkerFactory, poll
 from tests.ops_helpers import free_port, scrape
+from tests.ownership_helpers import keys_in_partition
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +90,36 @@ def test_with_the_follow_on_switched_off_every_batch_begins_with_the_fetch(
     assert fetched is not None and fetched >= 2, fetched
     assert followed == 0, f"{followed} batches followed on with KEYQ_FOLLOW_ON=0"
     assert repo.dead_letters() == []
+
+
+def test_a_batch_running_when_sigterm_comes_is_the_last_the_follow_on_takes_nothing_more(
+    start_worker: WorkerFactory,
+    client: Client,
+    settings: Settings,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """A warm shutdown finishes the batch in flight and hands the partition over: the
+    messages that arrived meanwhile are the next owner's, not a follow-on batch of the worker
+    that is leaving (it took them once the partition it holds had been served: CI, stop 22)."""
+    partition = 2
+    a = start_worker(partitions=str(partition))
+    key = keys_in_partition(partition, settings, 1, "last")[0]
+    mark = tmp_path / "inside-handler"
+    client.send("slow", key, "see", {"i": 0, "mark": str(mark), "seconds": 1.5})
+    poll(mark.exists, what="the worker to be inside the slow handler")
+    a.signal(signal.SIGTERM)
+    client.send("slow", key, "see", {"i": 1})
+    client.send("slow", key, "see", {"i": 2})
+    assert a.proc.wait(20) == 0
+    assert redis_client.llen(settings.queue_name(partition)) == 2, "left for the next owner"
+    b = start_worker(partitions=str(partition))
+
+    def log() -> list[Any]:
+        return list((client.read("slow", key) or {"log": []})["log"])
+
+    poll(lambda: [e[0]["i"] for e in log()] == [0, 1, 2], what="the next owner to apply 1, 2")
+    assert [pid for _, pid in log()] == [a.pid, b.pid, b.pid]
 
 
 def stream_under_fault(

@@ -211,10 +211,11 @@ def test_sigterm_finishes_the_batch_in_flight_then_releases_its_leases(
     redis_client: redis.Redis,
     tmp_path: Any,
 ) -> None:
-    from tests.ownership_helpers import keys_in_partition
+    from tests.ownership_helpers import keys_in_partition, sharing_hostnames
 
-    a = start_worker()
-    b = start_worker()
+    # hostnames that rendezvous gives partitions each: two random ones left A none 1 in 128
+    # times (8 partitions), and the test then found no partition of A to send to
+    a, b = [start_worker(hostname=n) for n in sharing_hostnames(settings, "sa", "sb")]
     poll(lambda: converged(redis_client, settings), 30.0, what="two workers to share partitions")
     a_node = a.node_id(redis_client, settings)
     owners = lease_owners(redis_client, settings)
