@@ -4,15 +4,19 @@ run several workers, and readers of the lease table and membership as the worker
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from keyq.client import Client
 from keyq.ownership import Leases, Membership, assignment
 from keyq.repo import make_engine, metadata
 from keyq.routing import partition_for
 from keyq.settings import Settings
+from tests.conftest import WorkerProcess, poll
 
 
 @pytest.fixture
@@ -76,3 +80,16 @@ def keys_in_partition(partition: int, settings: Settings, n: int, prefix: str) -
             keys.append(key)
         i += 1
     return keys
+
+
+def sigterm_inside_a_slow_batch(
+    client: Client, worker: WorkerProcess, key: str, mark: Path
+) -> None:
+    """Send `key` a slow message (1.5 s), SIGTERM its worker while the handler runs, send two
+    more meanwhile, and wait for the worker to exit cleanly: a warm shutdown mid-batch."""
+    client.send("slow", key, "see", {"i": 0, "mark": str(mark), "seconds": 1.5})
+    poll(mark.exists, what="the owner to be inside the slow handler")
+    worker.signal(signal.SIGTERM)
+    client.send("slow", key, "see", {"i": 1})
+    client.send("slow", key, "see", {"i": 2})
+    assert worker.proc.wait(20) == 0

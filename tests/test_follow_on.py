@@ -7,7 +7,6 @@ reordered."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from keyq.settings import Settings
 from tests import faults
 from tests.conftest import WorkerFactory, poll
 from tests.ops_helpers import free_port, scrape
-from tests.ownership_helpers import keys_in_partition
+from tests.ownership_helpers import keys_in_partition, sigterm_inside_a_slow_batch
 
 pytestmark = pytest.mark.integration
 
@@ -105,13 +104,7 @@ def test_a_batch_running_when_sigterm_comes_is_the_last_the_follow_on_takes_noth
     partition = 2
     a = start_worker(partitions=str(partition))
     key = keys_in_partition(partition, settings, 1, "last")[0]
-    mark = tmp_path / "inside-handler"
-    client.send("slow", key, "see", {"i": 0, "mark": str(mark), "seconds": 1.5})
-    poll(mark.exists, what="the worker to be inside the slow handler")
-    a.signal(signal.SIGTERM)
-    client.send("slow", key, "see", {"i": 1})
-    client.send("slow", key, "see", {"i": 2})
-    assert a.proc.wait(20) == 0
+    sigterm_inside_a_slow_batch(client, a, key, tmp_path / "inside-handler")
     assert redis_client.llen(settings.queue_name(partition)) == 2, "left for the next owner"
     b = start_worker(partitions=str(partition))
 

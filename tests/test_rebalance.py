@@ -211,7 +211,11 @@ def test_sigterm_finishes_the_batch_in_flight_then_releases_its_leases(
     redis_client: redis.Redis,
     tmp_path: Any,
 ) -> None:
-    from tests.ownership_helpers import keys_in_partition, sharing_hostnames
+    from tests.ownership_helpers import (
+        keys_in_partition,
+        sharing_hostnames,
+        sigterm_inside_a_slow_batch,
+    )
 
     # hostnames that rendezvous gives partitions each: two random ones left A none 1 in 128
     # times (8 partitions), and the test then found no partition of A to send to
@@ -222,13 +226,7 @@ def test_sigterm_finishes_the_batch_in_flight_then_releases_its_leases(
     p = min(q for q, node in owners.items() if node == a_node)
     a_token = int(redis_client.get(settings.redis_key("lease", str(p))).decode().split("|")[-1])
     key = keys_in_partition(p, settings, 1, "handoff")[0]
-    mark = tmp_path / "inside-handler"
-    client.send("slow", key, "see", {"i": 0, "mark": str(mark), "seconds": 1.5})
-    poll(mark.exists, what="the owner to be inside the slow handler")
-    a.signal(signal.SIGTERM)
-    client.send("slow", key, "see", {"i": 1})
-    client.send("slow", key, "see", {"i": 2})
-    assert a.proc.wait(20) == 0
+    sigterm_inside_a_slow_batch(client, a, key, tmp_path / "inside-handler")
     poll(
         lambda: [e[0]["i"] for e in (client.read("slow", key) or {"log": []})["log"]] == [0, 1, 2],
         what="the next owner to apply the messages sent during the handoff",
