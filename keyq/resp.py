@@ -1,9 +1,10 @@
 """RESP, Redis's wire protocol, for the commands keyq packs itself (bulk strings only).
 
-redis-py encodes and frames every argument of every command anew: for the broker fetch (some
-70 arguments) that took longer than the fetch's own parsing. keyq's fetch, wake wait and
-publish repeat the same few arguments (queue names, script shas) with a varying order or
-message, so each argument is framed once (``Fragments``) and a command is a join of frames.
+redis-py encodes and frames every argument of every command anew: 48 us for the broker
+fetch's 69 arguments on the development machine, against 5 us joined from frames made before.
+keyq's fetch, wake wait and publish repeat the same few arguments (queue names, script shas)
+in a varying order or around a new message, so each argument is framed once (``Fragments``)
+and a command is a join of frames.
 The bytes are redis-py's own: tests/test_resp.py compares them with its ``pack_command``.
 """
 
