@@ -621,6 +621,33 @@ class Repo:
         except SQLAlchemyError as e:
             raise RepoError(f"polling due timers failed: {e}") from e
 
+    @_timed("due_timers")
+    def poll_timers(
+        self, partitions: Iterable[int], now_ms: int, limit: int
+    ) -> tuple[list[TimerRow], int | None]:
+        """``due_timers``, and when the first timer of these partitions that is not due yet
+        is due (None: they have no other): the poller asks nothing more before then."""
+        parts = sorted(set(partitions))
+        if not parts or limit <= 0:
+            return [], None
+        t = timer_table.c
+        timer_id = t.timer_id.collate("C") if self._dialect == "postgresql" else t.timer_id
+        in_parts = t.partition.in_(parts)
+        due = (
+            sa.select(timer_table)
+            .where(in_parts, t.due_ms <= now_ms)
+            .order_by(t.due_ms, timer_id)
+            .limit(limit)
+        )
+        later = sa.select(sa.func.min(t.due_ms)).where(in_parts, t.due_ms > now_ms)
+        try:
+            with self.engine.connect() as conn:
+                rows = [_timer(row) for row in conn.execute(due)]
+                next_due = conn.execute(later).scalar()
+        except SQLAlchemyError as e:
+            raise RepoError(f"polling due timers failed: {e}") from e
+        return rows, None if next_due is None else int(next_due)
+
     # --- dead letters ----------------------------------------------------------------------
 
     def dead_letters(

@@ -10,8 +10,16 @@ reschedules the row in the batch's commit (``decide`` applies the catch-up polic
 
 One clock: whether a timer is due, and when a handler's schedule() is due, is decided by the
 database's clock (``SharedClock``), never by a worker's own wall clock, so a host whose clock is
-off fires nothing early or late. The poller reads the database's clock on every tick and asks
-for the timers due by it; the applier's ``now`` is this host's clock plus the offset last read.
+off fires nothing early or late. The poller and the applier read it as this host's clock plus the
+offset last read (read again every CLOCK_MAX_AGE_S).
+
+A quiet poller asks the database nothing. Only a partition's owner writes its timers (the
+commits of its batches, fenced), so what one query said stays true until the owner's own
+commits change it: each query also says when the next timer of the partitions is due
+(``Repo.poll_timers``); the worker hands every committed timer change to ``note``, and a new
+partition set, a fire in flight or TIMER_REQUERY_S without a query ask again. An idle worker
+polled twice per housekeeping tick (the clock, then the due timers: 1-4 ms of its event loop
+every 150 ms, the longer under load); now it asks once per TIMER_REQUERY_S.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ FIRES_PER_TICK = 200  # at most this many fires published per housekeeping tick 
 MAX_IN_FLIGHT = 2000  # fires published but not yet applied; past this, wait (backpressure)
 REPUBLISH_AFTER_S = 30.0  # a fire still due this long after its publish is published again
 CLOCK_MAX_AGE_S = 10.0  # a shared-clock offset older than this is read again before use
+TIMER_REQUERY_S = 5.0  # a quiet poller still asks the database this often (a safety net)
+_NEVER_MS = 2**62  # "no timer to wait for" as a due time
 
 
 class SharedClock:
@@ -185,6 +195,8 @@ class TimerPoller:
         max_in_flight: int = MAX_IN_FLIGHT,
         republish_after_s: float = REPUBLISH_AFTER_S,
         clock: Callable[[], float] = time.time,
+        requery_s: float = TIMER_REQUERY_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``clock`` is this host's clock: it times republishes and stamps ``sent_at``; the
         due-ness of timers is the database's clock (``self.clock``, shared with the applier)."""
@@ -193,10 +205,34 @@ class TimerPoller:
         self.fires_per_tick = fires_per_tick
         self.max_in_flight = max_in_flight
         self.republish_after_s = republish_after_s
+        self.requery_s = requery_s
         self._clock = clock
+        self._monotonic = monotonic
         self.clock = SharedClock(repo.clock_ms, local=clock)
         # fire id -> (partition, published at, (due_ms, timer_id): its place in due order)
         self._published: dict[str, tuple[int, float, tuple[int, str]]] = {}
+        # what the last query said: for these partitions no timer is due before quiet_until_ms
+        self._quiet_parts: frozenset[int] = frozenset()
+        self._quiet_until_ms = 0
+        self._queried_at = float("-inf")  # monotonic time of the last query
+        self.queries = 0  # due-timer queries made (the quiet skip is tested by it)
+
+    def note(self, changes: Iterable[TimerChange]) -> None:
+        """Timer changes this worker committed (a handler's schedule, a fire's reschedule): a
+        timer due before the time the poller meant to ask again is asked for in time."""
+        for change in changes:
+            if isinstance(change, TimerRow):
+                self._quiet_until_ms = min(self._quiet_until_ms, change.due_ms)
+
+    def _quiet(self, parts: frozenset[int], now_ms: int) -> bool:
+        """Nothing can be due: the last query covered these partitions up to past now, no fire
+        is in flight (its apply must be seen), and the safety interval has not run out."""
+        return (
+            not self._published
+            and parts == self._quiet_parts
+            and now_ms < self._quiet_until_ms
+            and self._monotonic() - self._queried_at < self.requery_s
+        )
 
     def in_flight(self) -> int:
         return len(self._published)
@@ -215,18 +251,27 @@ class TimerPoller:
         at the same instant as the query's last row could not be told applied, and a backlog
         of more than max_in_flight timers due at once stopped for good.
         """
-        parts = set(partitions)
+        parts = frozenset(partitions)
         self._published = {k: v for k, v in self._published.items() if v[0] in parts}
         if not parts:
             return 0
-        now_ms = self.clock.sync()  # due by the database's clock, not this host's
+        now_ms = int(self.clock.now() * 1000)  # due by the database's clock, not this host's
+        if self._quiet(parts, now_ms):
+            return 0
         now = self._clock()
         limit = self.max_in_flight + self.fires_per_tick
-        rows = self.repo.due_timers(parts, now_ms, limit)
+        rows, next_due_ms = self.repo.poll_timers(parts, now_ms, limit)
+        self.queries += 1
+        self._queried_at = self._monotonic()
+        cut = len(rows) >= limit  # more were due than fit: ask again at the next tick
+        self._quiet_parts = parts
+        self._quiet_until_ms = (
+            now_ms if cut else _NEVER_MS if next_due_ms is None else next_due_ms
+        )
         due_ids = {fire_message_id(r.timer_id, r.due_ms) for r in rows}
         # rows come in due order: a published fire before the last row that is not among them
         # has been applied (all of them, when the query was not cut by its limit)
-        horizon = (rows[-1].due_ms, rows[-1].timer_id) if len(rows) >= limit else None
+        horizon = (rows[-1].due_ms, rows[-1].timer_id) if cut else None
         self._published = {
             k: v
             for k, v in self._published.items()

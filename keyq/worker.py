@@ -472,6 +472,7 @@ class WorkerRuntime(OwnershipHooks):
             )
             self._put_back(batch, bump=False)
             return None
+        self.timers.note(outcome.timer_changes)  # committed: the poller asks for them in time
         metrics.commit_seconds.observe(time.perf_counter() - started)
         metrics.batches.labels(start).inc()
         # one broker: the in-flight lists are settled in the post-commit pipeline, after the
@@ -519,6 +520,7 @@ class WorkerRuntime(OwnershipHooks):
     def _committed_early(self, outcome: BatchOutcome, leases: dict[int, Lease]) -> None:
         """The keys of a batch that finished while another backs off are committed: their
         cache, replies and names go out now; the in-flight list is settled with the batch."""
+        self.timers.note(outcome.timer_changes)
         self._after_commit(outcome, leases)
         self._count(outcome)
 

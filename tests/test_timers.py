@@ -19,7 +19,14 @@ from keyq.repo import Repo, StateWrite, TimerDelete, TimerRow
 from keyq.routing import partition_for
 from keyq.settings import Settings
 from keyq.testing import Harness
-from keyq.timers import FireDecision, SharedClock, TimerPoller, decide, fire_message_id
+from keyq.timers import (
+    TIMER_REQUERY_S,
+    FireDecision,
+    SharedClock,
+    TimerPoller,
+    decide,
+    fire_message_id,
+)
 from tests.conftest import WorkerFactory, poll
 from tests.test_supervisor import ENTITY_MODULES
 
@@ -300,6 +307,113 @@ def test_poller_drains_a_backlog_of_timers_that_are_all_due_at_the_same_instant(
         assert poller.in_flight() == 0
     finally:
         repo.dispose()
+
+
+class _Monotonic:
+    """A monotonic clock a test moves by hand (the poller's safety interval is timed on it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_quiet_poller_asks_the_database_again_only_after_its_safety_interval(
+    sup_settings: Settings,
+) -> None:
+    """Nothing due: the ticks after the first ask nothing, until TIMER_REQUERY_S has passed or
+    the partition set changed (each query used to read the clock and then the due timers)."""
+    repo = Repo(sup_settings.database_url)
+    try:
+        mono = _Monotonic()
+        poller = TimerPoller(repo, lambda envs: None, requery_s=5.0, monotonic=mono)
+        for _ in range(10):
+            assert poller.tick(range(8)) == 0
+        assert poller.queries == 1
+        mono.now += 4.9
+        assert poller.tick(range(8)) == 0 and poller.queries == 1
+        mono.now += 0.2  # the safety interval ran out
+        assert poller.tick(range(8)) == 0 and poller.queries == 2
+        assert poller.tick(range(9)) == 0 and poller.queries == 3  # a partition was taken over
+    finally:
+        repo.dispose()
+
+
+def test_a_timer_the_worker_committed_is_asked_for_at_once_when_noted(
+    sup_settings: Settings,
+) -> None:
+    """A timer committed by the partition's owner while its poller is quiet is published at the
+    next tick once noted (the worker notes every commit's timer changes); not noted, only the
+    safety interval would find it."""
+    repo = Repo(sup_settings.database_url)
+    try:
+        published: list[Envelope] = []
+        poller = TimerPoller(repo, published.extend, monotonic=_Monotonic())
+        assert poller.tick(range(8)) == 0 and poller.queries == 1
+        now_ms = repo.clock_ms()
+        row = TimerRow("ticker", "noted", "t", "c" * 32, 3, now_ms - 1, "tick")
+        repo.commit(3, 1, [], timers=[row])
+        assert poller.tick(range(8)) == 0 and poller.queries == 1  # quiet: it cannot know
+        poller.note([TimerDelete("ticker", "other", "t")])  # a cancel makes nothing due sooner
+        assert poller.tick(range(8)) == 0 and poller.queries == 1
+        poller.note([row])
+        assert poller.tick(range(8)) == 1 and [e.key for e in published] == ["noted"]
+    finally:
+        repo.dispose()
+
+
+def test_a_quiet_poller_asks_again_when_the_next_timer_is_due(sup_settings: Settings) -> None:
+    """Each query also says when the next timer is due: it is not published early, and the
+    poller asks again once it is due, with nothing noted and the safety interval far off."""
+    repo = Repo(sup_settings.database_url)
+    try:
+        db_now = repo.clock_ms()
+        due = db_now + 500
+        repo.commit(0, 1, [], timers=[TimerRow("ticker", "soon", "t", "d" * 32, 0, due, "tick")])
+        local = [time.time()]
+        published: list[Envelope] = []
+        poller = TimerPoller(
+            repo, published.extend, clock=lambda: local[0], monotonic=_Monotonic()
+        )
+        assert poller.tick([0]) == 0 and published == []  # not early
+        assert poller.tick([0]) == 0 and poller.queries == 1
+        local[0] += 1.0  # this host's clock (and so the shared one) moves on past the due time
+        assert poller.tick([0]) == 1 and [e.key for e in published] == ["soon"]
+        assert poller.queries == 2
+    finally:
+        repo.dispose()
+
+
+def test_a_quiet_worker_seldom_polls_timers_and_fires_a_new_timer_on_time(
+    start_worker: WorkerFactory, client: Client
+) -> None:
+    """An idle worker asks the database for due timers about once per TIMER_REQUERY_S (it
+    asked twice every housekeeping tick, 150 ms), and a timer a handler schedules right after
+    such a query fires on time, not at the next one (the worker notes its commits' timers)."""
+    from tests.test_supervisor import free_port, metric
+
+    port = free_port()
+    start_worker(env={"KEYQ_METRICS_PORT": str(port)})
+
+    def queries() -> float:
+        return metric(port, "keyq_repo_seconds_count", op="due_timers")
+
+    poll(lambda: queries() >= 1, what="the worker's first due-timer query")
+    assert client.call("device", "warm", "heartbeat", {"offline_after_s": 3600}) == "online"
+    before = queries()
+    time.sleep(2.0)
+    assert queries() - before <= 1, "the quiet worker kept polling its timers"
+    last = queries()
+    poll(lambda: queries() > last, timeout=TIMER_REQUERY_S + 5, what="the safety query")
+    started = time.monotonic()
+    assert client.call("device", "d2", "heartbeat", {"offline_after_s": 0.2}) == "online"
+    poll(
+        lambda: state(client, "device", "d2").get("status") == "offline",
+        timeout=TIMER_REQUERY_S / 2,
+        what="the new timer to fire before the next safety query",
+    )
+    assert time.monotonic() - started < TIMER_REQUERY_S - 1.0
 
 
 # --- one clock: the database's -------------------------------------------------------------
