@@ -36,9 +36,11 @@ import redis
 from redis.sentinel import Sentinel
 
 from keyq.errors import ConfigurationError
+from keyq.reply_spin import SpinningConnection
 
 # defaults of the Settings fields below (README: Configuration)
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 2.0  # a Redis that does not accept within this is down
+DEFAULT_REPLY_SPIN_US = 200  # keyq.reply_spin: a reply is polled for this long, then blocked on
 DEFAULT_REDIS_READ_TIMEOUT_S = 5.0  # a command unanswered this long: Redis hung or unreachable
 DEFAULT_DATABASE_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_DATABASE_STATEMENT_TIMEOUT_S = 30.0  # one batch's statement; 0 turns it off
@@ -133,6 +135,7 @@ class Timeouts:
 
     redis_connect_s: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S
     redis_read_s: float = DEFAULT_REDIS_READ_TIMEOUT_S
+    redis_reply_spin_s: float = DEFAULT_REPLY_SPIN_US / 1e6
     database_connect_s: float = DEFAULT_DATABASE_CONNECT_TIMEOUT_S
     database_statement_s: float = DEFAULT_DATABASE_STATEMENT_TIMEOUT_S
     sentinel: SentinelOptions | None = None
@@ -156,11 +159,15 @@ def redis_client(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> redis.Redis
     sentinel:// URL, a client of the current primary that follows a failover."""
     if is_sentinel_url(url):
         return sentinel_master(url, timeouts)
+    spin: dict[str, Any] = {}
+    if timeouts.redis_reply_spin_s > 0 and urlsplit(url).scheme == "redis":  # plain TCP
+        spin = {"connection_class": SpinningConnection, "reply_spin_s": timeouts.redis_reply_spin_s}
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=timeouts.redis_connect_s,
         socket_timeout=timeouts.redis_read_s,
         socket_keepalive=True,
+        **spin,
     )
 
 

@@ -14,6 +14,7 @@ from keyq.connections import (
     DEFAULT_DATABASE_STATEMENT_TIMEOUT_S,
     DEFAULT_REDIS_CONNECT_TIMEOUT_S,
     DEFAULT_REDIS_READ_TIMEOUT_S,
+    DEFAULT_REPLY_SPIN_US,
     SentinelOptions,
     Timeouts,
     is_sentinel_url,
@@ -164,7 +165,11 @@ ENV_VARIABLES: dict[str, str] = {
     "publish_min_replicas": "KEYQ_PUBLISH_MIN_REPLICAS",
     "publish_replica_timeout_ms": "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS",
     "follow_on": "KEYQ_FOLLOW_ON",
+    "reply_spin_us": "KEYQ_REPLY_SPIN_US",
 }
+
+
+MAX_REPLY_SPIN_US = 10_000  # a longer spin burns CPU on replies that are not coming soon
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,9 @@ class Settings:
     # the batch before (keyq.worker: the follow-on batch); off: every batch begins with the
     # broker fetch and its claim (to compare, or to rule the follow-on out)
     follow_on: bool = True
+    # keyq's Redis connections poll their socket this long for a reply before they block
+    # (keyq.reply_spin: on a VM a blocked round trip took 3 x as long); 0: block at once
+    reply_spin_us: int = DEFAULT_REPLY_SPIN_US
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -303,6 +311,7 @@ class Settings:
                 env, "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS", DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
             ),
             follow_on=_bool(env, "KEYQ_FOLLOW_ON", True),
+            reply_spin_us=_int(env, "KEYQ_REPLY_SPIN_US", DEFAULT_REPLY_SPIN_US, minimum=0),
         )
         settings.check()
         return settings
@@ -318,6 +327,11 @@ class Settings:
 
     def check(self) -> None:
         """Refuse contradictory combinations, saying how to fix them."""
+        if self.reply_spin_us > MAX_REPLY_SPIN_US:
+            raise ConfigurationError(
+                f"KEYQ_REPLY_SPIN_US={self.reply_spin_us} is more than {MAX_REPLY_SPIN_US}: a "
+                "reply that takes longer is waited for by blocking; lower it (0 turns it off)"
+            )
         if self.backoff_min_s > self.backoff_max_s:
             raise ConfigurationError(
                 f"KEYQ_BACKOFF_MIN_S={self.backoff_min_s} is larger than KEYQ_BACKOFF_MAX_S="
@@ -383,6 +397,7 @@ class Settings:
         return Timeouts(
             redis_connect_s=self.redis_connect_timeout_s,
             redis_read_s=self.redis_read_timeout_s,
+            redis_reply_spin_s=self.reply_spin_us / 1e6,
             database_connect_s=self.database_connect_timeout_s,
             database_statement_s=self.database_statement_timeout_s,
             sentinel=(

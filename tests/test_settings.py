@@ -58,6 +58,7 @@ EVERY_VARIABLE = {
     "KEYQ_CALL_TIMEOUT_S": ("2.5", "call_timeout_s", 2.5),
     "KEYQ_METRICS_PORT": ("9108", "metrics_port", 9108),
     "KEYQ_FOLLOW_ON": ("off", "follow_on", False),
+    "KEYQ_REPLY_SPIN_US": ("0", "reply_spin_us", 0),
 }
 
 
@@ -116,6 +117,9 @@ BAD_VALUES = [
     ("KEYQ_DATABASE_URL", "keyq.sqlite3", "must start with one of sqlite://"),
     ("KEYQ_FOLLOW_ON", "maybe", "is not a switch: write 1 or 0"),
     ("KEYQ_FOLLOW_ON", "2", "is not a switch"),
+    ("KEYQ_REPLY_SPIN_US", "-1", "must be at least 0"),
+    ("KEYQ_REPLY_SPIN_US", "10001", "is more than 10000"),
+    ("KEYQ_REPLY_SPIN_US", "fast", "is not an integer"),
 ]
 
 
