@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import redis
@@ -104,11 +104,14 @@ class WorkerRuntime(OwnershipHooks):
         self.settings = settings
         self.node_id = node_id
         self.entities = registry or EntityRegistry.from_modules(settings.entity_modules)
-        self.redis = redis_client(settings.redis_url, settings.timeouts)
+        # a worker's own round trips block at once: its CPU is what drains the queues, and
+        # polling for its replies cost more of it than it saved (keyq.reply_spin)
+        timeouts = replace(settings.timeouts, redis_reply_spin_s=0.0)
+        self.redis = redis_client(settings.redis_url, timeouts)
         self.broker = (
             self.redis
             if settings.broker_url == settings.redis_url
-            else redis_client(settings.broker_url, settings.timeouts)
+            else redis_client(settings.broker_url, timeouts)
         )
         # no pre-ping: a failed batch is retried anyway, on a fresh connection
         self.repo = repo or Repo(settings.database_url, pre_ping=False, timeouts=settings.timeouts)

@@ -52,7 +52,7 @@ def test_a_prompt_reply_is_found_by_spinning_and_reads_as_redis_pys(
             assert client.get(f"spin:{i}") == str(i).encode()
         assert conn.spun >= 30  # the replies of a Redis on this host come within 2 ms
         pipe = client.pipeline(transaction=False)
-        for i in range(20):
+        for _ in range(20):
             pipe.incr("spin:n")
         before = conn.spun
         assert pipe.execute() == list(range(1, 21))  # one write, twenty replies
@@ -121,3 +121,19 @@ def test_a_reply_that_never_comes_still_times_out(silent_server: int) -> None:
         assert 0.25 < time.perf_counter() - started < 3.0
     finally:
         client.close()
+
+
+def test_a_workers_own_clients_block_at_once(settings: Settings) -> None:
+    """Workers do not spin (their CPU drains the queues); the producers in the same
+    deployment do."""
+    from keyq.worker import WorkerRuntime
+
+    runtime = WorkerRuntime(settings, "spin-test-node")
+    try:
+        assert runtime.redis.connection_pool.connection_class is redis.Connection
+        assert runtime.broker.connection_pool.connection_class is redis.Connection
+        producer = redis_client(settings.redis_url, settings.timeouts)
+        assert producer.connection_pool.connection_class is SpinningConnection
+        producer.close()
+    finally:
+        runtime.close()
