@@ -6,7 +6,8 @@ delivery that emptied its queue (keyq.transport) and the follow-on drain in a ba
 post-commit round trip (keyq.worker). Under a steady stream the look mostly finds messages,
 for one caller's sequential calls never. Each keeps a moving average of such looks' outcomes,
 looks while most of them found something, and otherwise still looks once in `probe` asks, so
-that it notices a stream that has become steady.
+that it notices a stream that has become steady. A producer's connection chooses alike between
+polling for a reply and blocking for it (keyq.reply_spin).
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ three) and used 12 % more CPU per message at 1,000 msg/s, for about 0.5 ms off d
 So a ``SpinningConnection`` first looks at its socket for the reply for up to
 KEYQ_REPLY_SPIN_US (``Timeouts.redis_reply_spin_s``), giving the CPU away between looks
 (``sched_yield``: on a busy core the Redis server, or any other process, runs first), and only
-then blocks as any redis-py connection does. The spin is bounded, so a slow reply costs at most
-that much more CPU. Commands that wait on the server by design (BLPOP, BRPOP, WAIT, ...) block
-at once: only the first reply after a write is spun for, and never one that is already
-buffered. 0 turns it off.
+then blocks as any redis-py connection does. The spin is bounded, and it is learned
+(keyq.learned): while most spins run out before their reply comes (a saturated machine, where
+the polling only takes CPU from the server it waits for), the connection blocks at once and
+spins only one reply in eight, to notice when replies are prompt again. Commands that wait on
+the server by design (BLPOP, BRPOP, WAIT, ...) block at once: only the first reply after a
+write is spun for, and never one that is already buffered. 0 turns it off.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import time
 from typing import Any
 
 import redis
+
+from keyq.learned import LearnedGuess
 
 # commands whose reply waits on the server (for data, replicas or time): never spun for
 BLOCKING_COMMANDS = frozenset(
@@ -60,7 +64,9 @@ class SpinningConnection(redis.Connection):
         super().__init__(*args, **kwargs)
         self.reply_spin_s = reply_spin_s
         self._spin_next = False  # the next read is the first reply after a write
-        self.spun = 0  # replies found by spinning (the tests count them)
+        self._pays = LearnedGuess()  # do spins find their reply within the budget?
+        self.spins = 0  # spins made ...
+        self.spun = 0  # ... and those that found their reply (the tests count both)
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         super().send_packed_command(command, check_health)
@@ -81,10 +87,12 @@ class SpinningConnection(redis.Connection):
         """Poll the socket until a byte of the reply is there or the budget is spent; the
         read that follows takes it (or blocks, or raises, as redis-py does)."""
         reader = getattr(self._parser, "_reader", None)  # hiredis's: has_data() is buffered
-        if self._sock is None or reader is None or reader.has_data():
+        if self._sock is None or reader is None or reader.has_data() or not self._pays.ask():
             return
-        if spin_until_readable(self._sock, self.reply_spin_s, self.socket_timeout):
-            self.spun += 1
+        self.spins += 1
+        found = spin_until_readable(self._sock, self.reply_spin_s, self.socket_timeout)
+        self._pays.learn(found)
+        self.spun += found
 
 
 def spin_until_readable(sock: socket.socket, budget_s: float, timeout: float | None) -> bool:

@@ -123,6 +123,7 @@ def test_a_reply_that_never_comes_still_times_out(silent_server: int) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_workers_own_clients_block_at_once(settings: Settings) -> None:
     """Workers do not spin (their CPU drains the queues); the producers in the same
     deployment do."""
@@ -137,3 +138,36 @@ def test_a_workers_own_clients_block_at_once(settings: Settings) -> None:
         producer.close()
     finally:
         runtime.close()
+
+
+SLOW_SCRIPT = """
+local start = redis.call('TIME')
+local t = start
+while (t[1] - start[1]) * 1000000 + (t[2] - start[2]) < tonumber(ARGV[1]) do
+  t = redis.call('TIME')
+end
+return 1
+"""
+
+
+def test_a_connection_whose_spins_run_out_stops_spinning_and_learns_again(
+    redis_url: str,
+) -> None:
+    """Replies slower than the budget (a saturated machine): after a few spins that ran out,
+    only one reply in eight is spun for; prompt replies bring the spinning back."""
+    client = _spinning(redis_url, spin_s=0.0002)
+    try:
+        conn = _connection(client)
+        slow = client.register_script(SLOW_SCRIPT)
+        slow(args=[3000])  # loaded (and spun for) once
+        before = conn.spins
+        for _ in range(40):
+            assert slow(args=[3000]) == 1  # each reply takes 3 ms, the spin gives up at 0.2
+        spins = conn.spins - before
+        assert 3 <= spins <= 12, spins  # a few to learn, then one in eight (40 would be all)
+        found = conn.spun
+        for _ in range(120):
+            client.ping()
+        assert conn.spun - found >= 60  # prompt again: spinning resumed and found the replies
+    finally:
+        client.close()

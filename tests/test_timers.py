@@ -385,6 +385,7 @@ def test_a_quiet_poller_asks_again_when_the_next_timer_is_due(sup_settings: Sett
         repo.dispose()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the poller: both
 def test_a_quiet_worker_seldom_polls_timers_and_fires_a_new_timer_on_time(
     start_worker: WorkerFactory, client: Client
 ) -> None:
