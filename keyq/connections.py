@@ -146,6 +146,10 @@ class Timeouts:
         the read timeout, so its answer always arrives before the socket gives up."""
         return max(0.01, self.redis_read_s * 0.8 - 0.05)
 
+    def without_reply_spin(self) -> Timeouts:
+        """For a worker's clients, which block for their replies at once (keyq.reply_spin)."""
+        return replace(self, redis_reply_spin_s=0.0)
+
     def without_statement_timeout(self) -> Timeouts:
         """For schema migrations, which may rightly run longer than any one batch."""
         return replace(self, database_statement_s=0.0)

@@ -598,39 +598,20 @@ class Repo:
             raise repo_error(e, "reading the database clock") from e
 
     @_timed("due_timers")
-    def due_timers(self, partitions: Iterable[int], now_ms: int, limit: int) -> list[TimerRow]:
+    def poll_timers(
+        self, partitions: Iterable[int], now_ms: int, limit: int
+    ) -> tuple[list[TimerRow], int | None]:
         """Timers of these partitions due at now_ms, at most `limit`, in due order: by due_ms,
-        then timer_id (a total order, as Python compares the pair: the poller relies on it).
+        then timer_id (a total order, as Python compares the pair: the poller relies on it);
+        and when the first of their timers that is not due yet is due (None: they have no
+        other), before which the poller asks nothing more.
 
         now_ms comes from ``clock_ms`` (the database's clock) on a worker."""
         parts = sorted(set(partitions))
         if not parts or limit <= 0:
-            return []
-        t = timer_table.c
-        # byte order on PostgreSQL whatever the database's collation (SQLite's is binary)
-        timer_id = t.timer_id.collate("C") if self._dialect == "postgresql" else t.timer_id
-        query = (
-            sa.select(timer_table)
-            .where(t.partition.in_(parts), t.due_ms <= now_ms)
-            .order_by(t.due_ms, timer_id)
-            .limit(limit)
-        )
-        try:
-            with self.engine.connect() as conn:
-                return [_timer(row) for row in conn.execute(query)]
-        except SQLAlchemyError as e:
-            raise RepoError(f"polling due timers failed: {e}") from e
-
-    @_timed("due_timers")
-    def poll_timers(
-        self, partitions: Iterable[int], now_ms: int, limit: int
-    ) -> tuple[list[TimerRow], int | None]:
-        """``due_timers``, and when the first timer of these partitions that is not due yet
-        is due (None: they have no other): the poller asks nothing more before then."""
-        parts = sorted(set(partitions))
-        if not parts or limit <= 0:
             return [], None
         t = timer_table.c
+        # byte order on PostgreSQL whatever the database's collation (SQLite's is binary)
         timer_id = t.timer_id.collate("C") if self._dialect == "postgresql" else t.timer_id
         in_parts = t.partition.in_(parts)
         due = (

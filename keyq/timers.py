@@ -265,9 +265,10 @@ class TimerPoller:
         self._queried_at = self._monotonic()
         cut = len(rows) >= limit  # more were due than fit: ask again at the next tick
         self._quiet_parts = parts
-        self._quiet_until_ms = (
-            now_ms if cut else _NEVER_MS if next_due_ms is None else next_due_ms
-        )
+        if cut:
+            self._quiet_until_ms = now_ms
+        else:
+            self._quiet_until_ms = _NEVER_MS if next_due_ms is None else next_due_ms
         due_ids = {fire_message_id(r.timer_id, r.due_ms) for r in rows}
         # rows come in due order: a published fire before the last row that is not among them
         # has been applied (all of them, when the query was not cut by its limit)

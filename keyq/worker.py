@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import redis
@@ -106,7 +106,7 @@ class WorkerRuntime(OwnershipHooks):
         self.entities = registry or EntityRegistry.from_modules(settings.entity_modules)
         # a worker's own round trips block at once: its CPU is what drains the queues, and
         # polling for its replies cost more of it than it saved (keyq.reply_spin)
-        timeouts = replace(settings.timeouts, redis_reply_spin_s=0.0)
+        timeouts = settings.timeouts.without_reply_spin()
         self.redis = redis_client(settings.redis_url, timeouts)
         self.broker = (
             self.redis
