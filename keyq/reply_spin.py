@@ -64,11 +64,13 @@ class SpinningConnection(redis.Connection):
         super().__init__(*args, **kwargs)
         self.reply_spin_s = reply_spin_s
         self._spin_next = False  # the next read is the first reply after a write
+        self._sent_at = 0.0  # when that write began: the budget counts from it
         self._pays = LearnedGuess()  # do spins find their reply within the budget?
         self.spins = 0  # spins made ...
         self.spun = 0  # ... and those that found their reply (the tests count both)
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._sent_at = time.perf_counter()  # before: a process away after its write is late
         super().send_packed_command(command, check_health)
         self._spin_next = self.reply_spin_s > 0
 
@@ -90,24 +92,28 @@ class SpinningConnection(redis.Connection):
         if self._sock is None or reader is None or reader.has_data() or not self._pays.ask():
             return
         self.spins += 1
-        found = spin_until_readable(self._sock, self.reply_spin_s, self.socket_timeout)
+        deadline = self._sent_at + self.reply_spin_s
+        found = spin_until_readable(self._sock, deadline, self.socket_timeout)
         self._pays.learn(found)
         self.spun += found
 
 
-def spin_until_readable(sock: socket.socket, budget_s: float, timeout: float | None) -> bool:
-    """Poll a socket for up to budget_s until it has data (or EOF) to read, yielding the CPU
-    between looks; True when it has. The socket's timeout is set back to `timeout`."""
-    deadline = time.perf_counter() + budget_s
+def spin_until_readable(sock: socket.socket, deadline: float, timeout: float | None) -> bool:
+    """Poll a socket until it has data (or EOF) to read or time.perf_counter() passes
+    deadline, yielding the CPU between looks; True when a look that began by the deadline
+    found data. A look that began late (the process was away, as on a saturated machine,
+    where sched_yield hands over a whole time slice) says nothing about whether spinning
+    pays, so it counts as run out. The socket's timeout is set back to `timeout`."""
     sock.settimeout(0.0)
     try:
         while True:
+            looked_at = time.perf_counter()
             try:
                 sock.recv(1, _PEEK)  # data or EOF: either way the read goes on now
-                return True
+                return looked_at <= deadline
             except (BlockingIOError, InterruptedError):
                 pass
-            if time.perf_counter() >= deadline:
+            if looked_at >= deadline:
                 return False
             os.sched_yield()
     except OSError:
