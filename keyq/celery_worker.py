@@ -203,6 +203,11 @@ def build_worker_app(
                 runtime._settle = lambda: settle_pending_read(consumer)
                 for p in runtime.ownership.held():
                     consumer.add_task_queue(settings.queue_name(p))
+            # the consumer's channel fetches with the runtime's claim plans (keyq.fetch_claims)
+            channel = getattr(consumer.task_consumer, "channel", None)
+            if runtime.fetch_claims is not None and channel is not None:
+                channel.keyq_claims = runtime.fetch_claims
+
             def tick() -> None:
                 try:
                     runtime.ownership.tick()

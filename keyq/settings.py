@@ -165,6 +165,7 @@ ENV_VARIABLES: dict[str, str] = {
     "publish_min_replicas": "KEYQ_PUBLISH_MIN_REPLICAS",
     "publish_replica_timeout_ms": "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS",
     "follow_on": "KEYQ_FOLLOW_ON",
+    "fetch_claim": "KEYQ_FETCH_CLAIM",
     "reply_spin_us": "KEYQ_REPLY_SPIN_US",
 }
 
@@ -222,6 +223,10 @@ class Settings:
     # the batch before (keyq.worker: the follow-on batch); off: every batch begins with the
     # broker fetch and its claim (to compare, or to rule the follow-on out)
     follow_on: bool = True
+    # the broker fetch claims a served partition's message into its in-flight list itself
+    # (keyq.fetch_claims: one round trip, not two, where Redis is also the broker); off: the
+    # fetch records it in kombu's unacked table and the worker claims it
+    fetch_claim: bool = True
     # keyq's Redis connections poll their socket this long for a reply before they block
     # (keyq.reply_spin: on a VM a blocked round trip took 3 x as long); 0: block at once
     reply_spin_us: int = DEFAULT_REPLY_SPIN_US
@@ -311,6 +316,7 @@ class Settings:
                 env, "KEYQ_PUBLISH_REPLICA_TIMEOUT_MS", DEFAULT_PUBLISH_REPLICA_TIMEOUT_MS
             ),
             follow_on=_bool(env, "KEYQ_FOLLOW_ON", True),
+            fetch_claim=_bool(env, "KEYQ_FETCH_CLAIM", True),
             reply_spin_us=_int(env, "KEYQ_REPLY_SPIN_US", DEFAULT_REPLY_SPIN_US, minimum=0),
         )
         settings.check()

@@ -54,6 +54,7 @@ from redis.exceptions import NoScriptError
 from keyq import resp
 from keyq.celery_app import BRPOP_TIMEOUT_S, DISPATCH_TASK, TICK_OPTION
 from keyq.connections import SENTINEL_DEFAULT_PORT
+from keyq.fetch_claims import ClaimPlan, FetchClaims
 from keyq.learned import LearnedGuess
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
@@ -64,7 +65,7 @@ from keyq.mailbox import (
     redelivered,
 )
 from keyq.publisher import not_replicated, overloaded
-from keyq.scripts import lua_source
+from keyq.scripts import composed_source, lua_source
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,10 @@ class Channel(kombu_redis.Channel):
     _keyq_sha: str | None = None
     _keyq_publish: Any = None  # the publish script, registered on first use
     _keyq_ticker: _Ticker | None = None  # started with the first wait
+    # a worker's claim plans (keyq.fetch_claims): its partitions' messages are claimed by the
+    # fetch itself and handed to it directly; None (producers, `celery inspect`): none
+    keyq_claims: FetchClaims | None = None
+    _keyq_sent_plans: dict[str, ClaimPlan] = {}  # the plans the fetch in flight was sent with
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._keyq_recorded: set[str] = set()  # tags fetch.lua already wrote to ``unacked``
@@ -244,7 +249,8 @@ class Channel(kombu_redis.Channel):
 
     def _keyq_script(self) -> str:
         if self._keyq_sha is None:
-            self._keyq_sha = self.client.script_load(lua_source("fetch"))
+            source = composed_source("fetch", "drain", "nonempty")
+            self._keyq_sha = self.client.script_load(source)
         return self._keyq_sha
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -257,7 +263,8 @@ class Channel(kombu_redis.Channel):
         tick: str | None = None
         if self._keyq_fetch_next:
             sha = self._keyq_script()  # before _in_poll: may use the connection itself
-            ident: tuple[object, ...] = (sha, *queues)
+            claims = self.keyq_claims
+            ident: tuple[object, ...] = (sha, claims.version if claims else -1, *queues)
         else:
             period = float(self.connection.client.transport_options.get(TICK_OPTION) or 0)
             tick = self._keyq_tick_key(period) if period > 0 else None
@@ -273,6 +280,8 @@ class Channel(kombu_redis.Channel):
                 self._keyq_packed.clear()
             self._keyq_packed[ident] = packed
         self._keyq_waiting = not self._keyq_fetch_next
+        if self.keyq_claims is not None:  # what a claim in its reply was made under
+            self._keyq_sent_plans = self.keyq_claims.plans
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         self.client.connection.send_packed_command(packed)
@@ -285,18 +294,21 @@ class Channel(kombu_redis.Channel):
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         if sha is not None:
             acked = [
-                "0" if queue in self._keyq_noack else "1"
-                for _pri in self.priority_steps
-                for queue in queues
+                queue not in self._keyq_noack for _pri in self.priority_steps for queue in queues
             ]
+            plan_keys: list[str] = []
+            args: list[str | int] = [0, 0, 0, 0, *("1" if a else "0" for a in acked)]
+            if self.keyq_claims is not None:
+                plan_keys, args = self.keyq_claims.fetch_args(keys, acked)
             command = [
                 "EVALSHA",
                 sha,
-                len(keys) + 2,
+                len(keys) + 2 + len(plan_keys),
                 *keys,
                 self.unacked_key,
                 self.unacked_index_key,
-                *acked,
+                *plan_keys,
+                *args,
             ]
         elif tick is not None:  # a worker's consumer: its ticker paces the looks
             command = ["BRPOP", *(wake_key(k) for k in keys), tick, TICK_FALLBACK_S]
@@ -346,7 +358,7 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 self._keyq_fetch_next = False
                 raise Empty()
-            dest, item, recorded, left = reply
+            dest, item, recorded, left = reply[:4]
             if not left:  # that queue is empty now: fetch again or wait (see above)
                 if self._keyq_guess is None:
                     self._keyq_guess = LearnedGuess()
@@ -356,6 +368,9 @@ class Channel(kombu_redis.Channel):
             if recorded == 2:  # not kombu's format: now on the poison list
                 log.warning("keyq moved an unreadable message to %s", poison_key(dest))
                 raise Empty()
+            if recorded in (3, 4):
+                self._keyq_claimed(dest, item, recorded, reply[4:])
+                return bool(recorded == 3)
             payload = loads(bytes_to_str(item))
             tag = _recorded_tag(payload)
             if recorded == 1 and tag is not None:
@@ -367,6 +382,30 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+
+    def _keyq_claimed(self, queue: str, item: bytes, status: int, steps: list[Any]) -> None:
+        """What the fetch claimed (3) goes to the worker, or back to its queue head if this
+        consumer has left the queue since the fetch went out (a cancel, a settle before the
+        leases are released); 4: the lease was not the plan's (the message is back already)."""
+        claims = self.keyq_claims
+        plan = self._keyq_sent_plans.get(queue)
+        if claims is None or plan is None:  # cannot happen: only a plan makes the fetch claim
+            log.error("keyq fetch claimed a message of %s without a claim plan", queue)
+            return
+        try:
+            if status == 4:
+                claims.lost(queue, plan)
+            elif queue not in self.connection._callbacks:
+                claims.give_back(queue, plan, False)
+            else:
+                claims.deliver(queue, bytes(item), claims.claimed(steps), plan)
+        except Exception:
+            # never left in the in-flight list while the lease is ours: the batch after the
+            # next fetch would settle (delete) them with its own
+            # (a delivery that failed: counted, so a message that always fails is
+            # dead-lettered after KEYQ_MAX_DELIVERIES instead of coming back for ever)
+            log.exception("keyq could not take what the fetch claimed of %s", queue)
+            claims.give_back(queue, plan, True)
 
     def _keyq_quarantined(self, queue: str, payload: Any, item: bytes, tag: str) -> bool:
         """Move a recorded message that Celery could not run to the poison list."""

@@ -31,6 +31,7 @@ from keyq.connections import redis_client
 from keyq.entity import EntityRegistry
 from keyq.envelope import Envelope
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
+from keyq.fetch_claims import ClaimPlan, FetchClaims
 from keyq.learned import LearnedGuess
 from keyq.mailbox import (
     DEFAULT_QUEUE_TASKS,
@@ -132,6 +133,19 @@ class WorkerRuntime(OwnershipHooks):
         # the held queues: whether they pay is learned (a sparse stream never pays it back)
         self._follow_guess = LearnedGuess()
         self.watchdog_limit_s = watchdog_limit(settings, self.entities)
+        # the broker fetch claims its messages itself (keyq.fetch_claims): the lease it checks
+        # must be on the broker's server
+        self.fetch_claims: FetchClaims | None = None
+        if settings.fetch_claim and self.broker is self.redis:
+            self.fetch_claims = FetchClaims(
+                settings,
+                self.handle_claimed,
+                self._give_back_claimed,
+                self._claim_lost,
+                room=max(0, settings.batch_max - 1),
+                poison_room=POISON_PER_BATCH,
+                drain_step=DRAIN_STEP,
+            )
         self.timers = TimerPoller(self.repo, self._publish_fires)
         self.applier.timer_clock = self.timers.clock.now  # handlers' now: the database's clock
         self._producer: Any = None  # a Celery app (its task protocol), made on first use
@@ -181,6 +195,7 @@ class WorkerRuntime(OwnershipHooks):
             self.repo_health.failed()  # the claim is released; enough of them: step back
             raise
         self._unserved.add(partition)  # its first batch comes before the others' next ones
+        self._plan(partition, token)
         restored = self.mailbox.restore(partition)
         if restored:
             log.info(
@@ -195,6 +210,8 @@ class WorkerRuntime(OwnershipHooks):
         metrics.partitions_owned.set(len(self.ownership.held()) + 1)
 
     def stop_consuming(self, partition: int) -> None:
+        if self.fetch_claims is not None:
+            self.fetch_claims.drop(self.settings.queue_name(partition))
         self._cancel_queue(self.settings.queue_name(partition))
         metrics.partitions_owned.set(max(0, len(self.ownership.held()) - 1))
 
@@ -213,6 +230,8 @@ class WorkerRuntime(OwnershipHooks):
 
     def forget(self, partition: int) -> None:
         self._unserved.discard(partition)
+        if self.fetch_claims is not None:
+            self.fetch_claims.drop(self.settings.queue_name(partition))
         gone = self.activations.drop_partition(partition)
         for act in gone:
             self._on_passivate(act)
@@ -233,6 +252,64 @@ class WorkerRuntime(OwnershipHooks):
         records stays there for the next owner's restore (or ours, after a new claim)."""
         self.ownership.mark_lost(partition, token)
         self.stop_consuming(partition)
+
+    # --- the claim plans of the broker fetch (keyq.fetch_claims) ---------------------------
+
+    def _plan(self, partition: int, token: int) -> None:
+        """The fetch claims this partition's messages under this lease from now on."""
+        if self.fetch_claims is not None:
+            lease_key, value = self.lease(partition, token)
+            self.fetch_claims.put(
+                self.settings.queue_name(partition),
+                ClaimPlan(
+                    token,
+                    lease_key,
+                    value,
+                    self.mailbox.inflight_key(partition),
+                    partition in self._unserved,
+                ),
+            )
+
+    def _served(self, partition: int) -> None:
+        """A batch has served the partition: it is no takeover's backlog any more."""
+        if partition in self._unserved:
+            self._unserved.discard(partition)
+            token = self.ownership.token(partition)
+            if token is not None and self.fetch_claims is not None:
+                plan = self.fetch_claims.plans.get(self.settings.queue_name(partition))
+                if plan is not None and plan.token == token:
+                    self._plan(partition, token)
+
+    def _give_back_claimed(self, queue: str, plan: ClaimPlan, failed: bool) -> None:
+        """The consumer left the queue while a fetch claimed its message (or its delivery
+        failed: `failed`, each message's delivery count goes up): the in-flight list back at
+        the queue head in order, under the plan's lease (not ours any more: the next owner
+        restores it). Never left there while the lease is ours: the next batch would settle
+        (delete) it with its own; if Redis cannot take it back now, the partition is given
+        up here, and the restore of its next claim brings the messages back. Never raises."""
+        partition = partition_of_queue(self.settings, queue)
+        if partition is None:
+            return
+        try:
+            self.mailbox.requeue(partition, (plan.lease_key, plan.lease_value), bump=failed)
+        except Exception as e:
+            log.error(
+                "keyq could not return claimed messages partition=%s node=%s error=%s",
+                partition, self.node_id, e,
+            )
+            self._lost_here(partition, plan.token)
+            return
+        log.info("keyq returned claimed messages to the head of %s node=%s", queue, self.node_id)
+
+    def _claim_lost(self, queue: str, plan: ClaimPlan) -> None:
+        """The fetch found the lease not the plan's: the message is back at its head."""
+        partition = partition_of_queue(self.settings, queue)
+        if partition is not None:
+            log.info(
+                "keyq returned a message to the head of %s (not owned here) node=%s",
+                queue, self.node_id,
+            )
+            self._lost_here(partition, plan.token)
 
     # --- the task body ---------------------------------------------------------------------
 
@@ -282,6 +359,49 @@ class WorkerRuntime(OwnershipHooks):
                 )
             return
         assert token is not None  # claimed under our lease
+        self._serve(partition, token, lease, trigger, claimed, others, fresh, alone)
+
+    def handle_claimed(self, queue: str, raw: bytes, claimed: Claimed, plan: ClaimPlan) -> None:
+        """A message that the broker fetch claimed itself (keyq.fetch_claims), with the rest of
+        its batch's first step: the same batch as ``handle``'s. Never raises.
+        The fetch checked the plan's lease; if this node has claimed the partition again since
+        (a new token), its restore has put the claimed messages back at the queue head
+        already, and if it has lost it, the next owner's will: either way they are not ours."""
+        partition = partition_of_queue(self.settings, queue)
+        if partition is None or self.ownership.token(partition) != plan.token:
+            log.info(
+                "keyq left a claimed message of %s to the restore (lease changed) node=%s",
+                queue, self.node_id,
+            )
+            return
+        trigger = self._decode(raw)
+        alone = trigger.deliveries > REDELIVERED_IN_BATCH
+        serving = {} if alone else self.ownership.serving()
+        others = {p: t for p, t in serving.items() if p != partition}
+        fresh = self._unserved & set(others)
+        claimed = Claimed(
+            1,
+            claimed.drained,
+            claimed.poison,
+            {p: n for p, n in claimed.waiting.items() if p in others},
+            claimed.share,
+        )
+        lease = (plan.lease_key, plan.lease_value)
+        self._serve(partition, plan.token, lease, trigger, claimed, others, fresh, alone)
+
+    def _serve(
+        self,
+        partition: int,
+        token: int,
+        lease: Lease,
+        trigger: Delivery,
+        claimed: Claimed,
+        others: dict[int, int],
+        fresh: set[int],
+        alone: bool,
+    ) -> None:
+        """The batch whose first step claimed `trigger` (and what `claimed` says), then batch
+        after batch under a steady stream; whatever fails is abandoned, never raised."""
         batch = _Batch()
         batch.leases[partition] = lease
         batch.tokens[partition] = token
@@ -338,7 +458,7 @@ class WorkerRuntime(OwnershipHooks):
         """The batch after its first step (Mailbox.claim_batch): what it took, then more of a
         long queue, then what waits on the other partitions held here; one commit. Returns the
         next batch when its post-commit round trip took one (see _follow_on)."""
-        self._unserved.discard(partition)
+        self._served(partition)
         self._take(partition, [trigger], batch)
         self._take(partition, [self._decode(m) for m in claimed.drained], batch)
         if claimed.share > len(claimed.drained) == DRAIN_STEP:  # a long queue: drain on
@@ -441,7 +561,7 @@ class WorkerRuntime(OwnershipHooks):
                 continue
             batch.leases[p] = leases[p]
             batch.tokens[p] = ours[p]
-            self._unserved.discard(p)
+            self._served(p)
             self._take(p, [self._decode(m) for m in more], batch)
 
     def _commit(

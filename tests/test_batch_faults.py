@@ -24,7 +24,8 @@ ROUNDS = 12
 # (where, on which call): every Redis call of a batch, the parse, the handler step, the commit,
 # each post-commit write
 FAULT_POINTS = [
-    "Mailbox.claim_batch=3",
+    "Mailbox.claim_batch=3",  # with KEYQ_FETCH_CLAIM=0: the worker claims what the fetch recorded
+    "WorkerRuntime.handle_claimed=3",  # the delivery of what the fetch claimed itself
     "Mailbox.drain_many=2",
     "Mailbox.drain_ready=3",
     "Mailbox.settle=2",
@@ -55,6 +56,7 @@ def test_a_fault_at_any_step_of_a_batch_loses_doubles_and_reorders_nothing(
         env={
             faults.FAULTS_ENV: fault,
             "KEYQ_ENTITY_MODULES": f"keyq.examples,tests.entities,{faults.MODULE}",
+            "KEYQ_FETCH_CLAIM": "0" if fault.startswith("Mailbox.claim_batch") else "1",
         }
     )
     for n in range(ROUNDS):

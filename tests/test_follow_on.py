@@ -122,10 +122,13 @@ def stream_under_fault(
     fault: str,
     fired: str,
     pause_after: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
     """The stream on a worker with this fault: every journal exactly as sent, the worker alive,
     the fault fired (its log says `fired`), nothing dead-lettered."""
-    worker = start_worker(env={faults.FAULTS_ENV: fault, "KEYQ_ENTITY_MODULES": ENTITY_MODULES})
+    worker = start_worker(
+        env={faults.FAULTS_ENV: fault, "KEYQ_ENTITY_MODULES": ENTITY_MODULES, **(env or {})}
+    )
     stream(client, pause_after).join(60)
     try:
         poll(lambda: all_applied(repo), timeout=60, what="every journal exactly as sent")
@@ -178,4 +181,5 @@ def test_a_partition_given_up_after_a_failed_claim_is_not_followed_on_until_clai
         "Mailbox.claim_batch=2",
         "injected fault in Mailbox.claim_batch (call 2)",
         pause_after=0,
+        env={"KEYQ_FETCH_CLAIM": "0"},  # the worker claims what the fetch recorded
     )

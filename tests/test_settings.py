@@ -58,6 +58,7 @@ EVERY_VARIABLE = {
     "KEYQ_CALL_TIMEOUT_S": ("2.5", "call_timeout_s", 2.5),
     "KEYQ_METRICS_PORT": ("9108", "metrics_port", 9108),
     "KEYQ_FOLLOW_ON": ("off", "follow_on", False),
+    "KEYQ_FETCH_CLAIM": ("0", "fetch_claim", False),
     "KEYQ_REPLY_SPIN_US": ("0", "reply_spin_us", 0),
 }
 
