@@ -1,9 +1,12 @@
 """The worker runtime of one process: ownership hooks, the batch step, housekeeping.
 
-Celery delivers one message of a partition; ``handle`` claims it into the partition's in-flight
-list (keyq.mailbox), drains up to a batch more of that partition (and of the other partitions
-this node holds), applies them all with one commit, and only then writes the cache, the replies
-and the registry and settles the in-flight lists. Under a steady stream that last round trip
+The broker fetch claims a message of a partition this node serves into the partition's
+in-flight list itself, with up to a batch more of that partition (keyq.fetch_claims), and hands
+it to ``handle_claimed``; a message the fetch only recorded (KEYQ_FETCH_CLAIM=0, a separate
+broker, an ETA) reaches ``handle`` through Celery, which claims it (keyq.mailbox). Either way
+the batch also drains what waits in the other partitions this node holds, applies it all with
+one commit, and only then writes the cache, the replies and the registry and settles the
+in-flight lists. Under a steady stream that last round trip
 also takes the next batch (Mailbox.drain_ready), so the worker goes from batch to batch with one
 Redis and one database round trip each, without the broker fetch and Celery in between.
 ``handle`` never raises: whatever fails, each message it took is committed, back at the head of
