@@ -330,15 +330,8 @@ class WorkerRuntime(OwnershipHooks):
         lease = self.lease(partition, token)
         raw = json.dumps(message).encode("utf-8")
         trigger = decode_document(message, raw, PARTITION_TASKS, DISPATCH_TASK)
-        # delivered more than once before: applied alone, so a poison pill stays alone (once
-        # before, a takeover's in-flight batch, still goes with others: see drain.lua)
-        alone = trigger.deliveries > REDELIVERED_IN_BATCH
-        serving = {} if alone else self.ownership.serving()
-        others = {p: t for p, t in serving.items() if p != partition}
+        alone, others, fresh = self._company(partition, trigger)
         room = 0 if alone else max(0, self.settings.batch_max - len(trigger.envelopes))
-        # partitions just claimed and not served yet (a takeover's backlog): this batch shares
-        # its room with them, so every one of them is served by it (keyq.mailbox.claim_batch)
-        fresh = self._unserved & set(others)
         try:
             claimed = self.mailbox.claim_batch(
                 partition, lease, message, room, POISON_PER_BATCH, list(others), bool(fresh), raw
@@ -378,10 +371,7 @@ class WorkerRuntime(OwnershipHooks):
             )
             return
         trigger = self._decode(raw)
-        alone = trigger.deliveries > REDELIVERED_IN_BATCH
-        serving = {} if alone else self.ownership.serving()
-        others = {p: t for p, t in serving.items() if p != partition}
-        fresh = self._unserved & set(others)
+        alone, others, fresh = self._company(partition, trigger)
         claimed = Claimed(
             1,
             claimed.drained,
@@ -391,6 +381,19 @@ class WorkerRuntime(OwnershipHooks):
         )
         lease = (plan.lease_key, plan.lease_value)
         self._serve(partition, plan.token, lease, trigger, claimed, others, fresh, alone)
+
+    def _company(
+        self, partition: int, trigger: Delivery
+    ) -> tuple[bool, dict[int, int], set[int]]:
+        """Who a batch begun by `trigger` may take along: whether it is applied alone (it was
+        delivered more than once before, so a poison pill stays alone; once before, a
+        takeover's in-flight batch, still goes with others: see drain.lua), the other served
+        partitions and their tokens, and those of them just claimed and not served yet (a
+        takeover's backlog: the batch shares its room with them, so every one is served)."""
+        alone = trigger.deliveries > REDELIVERED_IN_BATCH
+        serving = {} if alone else self.ownership.serving()
+        others = {p: t for p, t in serving.items() if p != partition}
+        return alone, others, self._unserved & set(others)
 
     def _serve(
         self,
