@@ -7,7 +7,14 @@ from collections import Counter
 
 import pytest
 
-from keyq.bench.stats import ZipfSampler, latency_summary_ms, percentile, ratio
+from keyq.bench.stats import (
+    Sample,
+    ZipfSampler,
+    latency_summary_ms,
+    paced_window,
+    percentile,
+    ratio,
+)
 
 
 def test_percentile_interpolates_between_samples() -> None:
@@ -38,3 +45,14 @@ def test_ratio_is_none_without_a_denominator() -> None:
     assert ratio(3.0, 2.0) == 1.5
     assert ratio(None, 2.0) is None
     assert ratio(1.0, 0.0) is None
+
+
+def test_the_paced_window_leaves_out_the_connecting_messages_sent_before_the_start() -> None:
+    # five producers connect over 0.4 s, then send 1,000 messages each at 1,000 msg/s from 10.0
+    connecting = [Sample(0, 9.6 + 0.1 * i + 0.002, 0.002) for i in range(5)]
+    paced = [Sample(0, 10.0 + i / 5000 + 0.003, 0.003) for i in range(5000)]
+    achieved, kept = paced_window(connecting + paced, 10.0, 0.5)
+    assert achieved == pytest.approx(5000, rel=0.01)
+    assert len(kept) == 2500  # the half second of warm-up is counted from the paced start
+    assert kept == [0.003] * 2500
+    assert paced_window(connecting, 10.0, 0.5) == (None, [])

@@ -3,9 +3,10 @@
 Each producer process is an open-loop paced sender: message i leaves at t0 + i/rate whatever
 happens to the earlier ones. One process offers at most PER_SENDER_RATE msg/s, so a higher rate
 is split over several (spawned, started together behind a barrier). The achieved rate is read
-from the workers' samples (messages over the span of their send times); a point whose producers
-fell behind (achieved < FLAG_BELOW of asked) is flagged: its latency describes an overloaded
-machine, not keyq.
+from the workers' samples (the messages sent from the earliest paced start on, over the span of
+their send times; each producer's connecting message is sent before it and left out); a point
+whose producers fell behind (achieved < FLAG_BELOW of asked) is flagged: its latency describes
+an overloaded machine, not keyq.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 
 from keyq.bench.procs import latency_key, wait_for
-from keyq.bench.stats import latency_summary_ms, parse_samples
+from keyq.bench.stats import latency_summary_ms, paced_window, parse_samples
 from keyq.bench.workload import ENTITY, OP, bench_key
 from keyq.client import Client
 from keyq.settings import Settings
@@ -43,17 +44,14 @@ def dispatch_latency(
     senders = senders_for(rate)
     total = int(rate * seconds)
     if senders == 1:
-        sent, behind = paced_sender(settings, rate, total, keys, 0, 1, None)
+        sent, behind, paced_from = paced_sender(settings, rate, total, keys, 0, 1, None)
     else:
-        sent, behind = _in_processes(settings, rate, total, keys, senders, seconds)
+        sent, behind, paced_from = _in_processes(settings, rate, total, keys, senders, seconds)
     wait_for(lambda: int(r.llen(lkey)) >= sent, 60.0, "latency samples")
     samples = parse_samples(r.lrange(lkey, 0, -1))
     r.delete(lkey)
-    first_sent = min(s.sent_at for s in samples)
-    kept = [s.latency_s for s in samples if s.sent_at >= first_sent + WARMUP_S]
+    achieved, kept = paced_window(samples, paced_from, WARMUP_S)
     summary = latency_summary_ms(kept)
-    span = max(s.sent_at for s in samples) - first_sent
-    achieved = len(samples) / span if span > 0 else None
     flagged = achieved is None or achieved < FLAG_BELOW * rate
     return {
         "asked": rate,
@@ -74,7 +72,7 @@ def dispatch_latency(
 
 def _in_processes(
     settings: Settings, rate: float, total: int, keys: int, senders: int, seconds: float
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(senders + 1)
     queue = ctx.Queue()
@@ -93,7 +91,7 @@ def _in_processes(
     results = [queue.get(timeout=seconds * 4 + 60) for _ in procs]
     for p in procs:
         p.join(10)
-    return sum(r[0] for r in results), max(r[1] for r in results)
+    return sum(r[0] for r in results), max(r[1] for r in results), min(r[2] for r in results)
 
 
 def paced_sender(
@@ -104,15 +102,16 @@ def paced_sender(
     index: int,
     senders: int,
     barrier: Any,
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     """Open loop: message i goes at t0 + i/rate whatever the replies; returns (sent, how far
-    behind schedule the sender fell at worst, in seconds)."""
+    behind schedule the sender fell at worst in seconds, the wall-clock time of t0)."""
     behind = 0.0
     with Client(settings) as client:
         client.send(ENTITY, bench_key(index), OP, {"by": 0})  # connect before the clock starts
         if barrier is not None:
             barrier.wait(timeout=120)
         t0 = time.monotonic()
+        paced_from = time.time()
         sent = 1
         for i in range(total):
             delay = t0 + i / rate - time.monotonic()
@@ -122,7 +121,7 @@ def paced_sender(
                 behind = max(behind, -delay)
             client.send(ENTITY, bench_key((i * senders + index) % keys), OP, {"by": 1})
             sent += 1
-    return sent, behind
+    return sent, behind, paced_from
 
 
 def _sender_process(
