@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from keyq import fast_json
 from keyq.entity import JSON
 from keyq.errors import CacheUnavailableError
 from keyq.scripts import register
@@ -113,7 +114,7 @@ class StateCache:
         for entity, key, version, state in entries:
             m = member(entity, key)
             keys.append(self.prefix + m)
-            args.extend((version, json.dumps(state, separators=(",", ":")), m))
+            args.extend((version, fast_json.dumps_checked(state), m))
         written = self._set(keys=keys, args=args, client=pipe or self.client)
         return 0 if pipe is not None else int(written)
 

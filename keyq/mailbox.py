@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 
+from keyq import fast_json
 from keyq.celery_app import BRPOP_TIMEOUT_S, CACHE_SWEEP_TASK, DISPATCH_TASK, RECONCILE_TASK
 from keyq.publisher import uuid4_text
 from keyq.scripts import register, register_composed
@@ -125,7 +126,7 @@ def _decompress(body: bytes, method: str, limit: int) -> bytes:
 def read_document(raw: bytes | str) -> dict[str, Any] | None:
     """kombu's JSON document of a message, or None when it is not one."""
     try:
-        doc = json.loads(raw)
+        doc = fast_json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -191,7 +192,7 @@ def decode_document(
             blob = _decompress(blob, str(method), limit)
         elif len(blob) > limit:
             raise ValueError(f"body is larger than {limit} bytes")
-        task_body = json.loads(blob)  # Celery's [args, kwargs, embed]
+        task_body = fast_json.loads(blob)  # Celery's [args, kwargs, embed]
     except (ValueError, TypeError, zlib.error, OSError, lzma.LZMAError, EOFError) as e:
         return refused(f"body cannot be read: {e}")
     raw, task_name, mid, deliveries, rerouted = said

@@ -11,7 +11,6 @@ caller runs the transactional path, which says exactly what was refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -20,6 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from keyq import fast_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def write_in_one_statement(
                         [f for _, f in fences],
                         len(fences),
                         now,
-                        json.dumps(rows, separators=(",", ":")),
+                        fast_json.dumps_checked(rows),
                         len(rows),
                     ),
                 )

@@ -49,3 +49,18 @@ def test_sent_messages_are_applied_in_order(start_worker: WorkerFactory, client:
         lambda: (client.read("journal", "j1") or {}).get("items") == list(range(50)),
         what="50 journal items in order",
     )
+
+
+def test_integers_beyond_64_bits_are_applied_stored_and_cached_exactly(
+    start_worker: WorkerFactory, client: Client, repo: Repo
+) -> None:
+    """keyq.fast_json: orjson alone reads such a number as a float and refuses to write it."""
+    start_worker()
+    big = 2**80 + 1
+    assert client.call("counter", "huge", "add", {"by": big}) == big
+    assert client.call("counter", "huge", "add", {"by": 1}) == big + 1
+    stored = repo.load_one("counter", "huge")
+    assert stored is not None and stored.state["value"] == big + 1
+    assert client.read("counter", "huge") == {"value": big + 1}  # from the cache
+    client.cache.drop("counter", "huge")
+    assert client.read("counter", "huge") == {"value": big + 1}  # from the Repo

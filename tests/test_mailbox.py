@@ -362,3 +362,11 @@ def test_settle_clears_in_flight_only_under_the_lease(
     assert redis_client.llen(mailbox.inflight_key(0)) == 1
     assert mailbox.settle(0, (key, "me|3"))
     assert redis_client.llen(mailbox.inflight_key(0)) == 0
+
+
+def test_a_payload_integer_beyond_64_bits_is_decoded_exactly() -> None:
+    big = 123456789012345678901234567890  # orjson alone would read 1.2345678901234568e+29
+    msg = celery_message([{"id": "a", "payload": {"by": big, "n": -(2**63) - 1}}], "t1")
+    got = decode(raw(msg), TASKS, DISPATCH_TASK)
+    assert got.problem is None
+    assert got.envelopes[0]["payload"] == {"by": big, "n": -(2**63) - 1}
