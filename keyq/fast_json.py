@@ -11,10 +11,11 @@ where it does:
   1.2345678901234568e+29), so a document with a run of 19 digits or more is read by ``json``
   instead; so is anything orjson refuses and ``json`` reads (NaN, Infinity, a lone surrogate
   escape, 1e400). What neither reads raises ``ValueError`` as ``json.loads`` does.
-- ``dumps_checked``: compact text for a value the handler's output check
-  (``keyq.envelope.STRICT_JSON``) has already accepted, so it holds no NaN or infinity (which
-  orjson would write as null); an integer of more than 64 bits, which orjson refuses, is
-  written by ``json``. Keys that are not strings are written as ``json`` writes them.
+- ``dumps_checked``: compact text for a value known to hold no NaN or infinity (which orjson
+  would write as null): a state the handler's output check (``keyq.envelope.STRICT_JSON``)
+  accepted, or one read back from the Repo, which stores none. An integer of more than 64
+  bits, which orjson refuses, is written by ``json``; keys that are not strings are written
+  as ``json`` writes them.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def loads(data: bytes | str) -> Any:
 
 def dumps_checked(value: Any) -> str:
     """``json.dumps(value, separators=(",", ":"))`` as JSON (the same value once read), faster;
-    for values already accepted by ``STRICT_JSON`` (no NaN or infinity)."""
+    for values that hold no NaN or infinity (see the module's docstring)."""
     try:
         return orjson.dumps(value, option=_DUMPS_OPTIONS).decode()
     except TypeError:  # an integer beyond 64 bits (orjson.JSONEncodeError is a TypeError)
