@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from keyq import metrics
+from keyq import fast_json, metrics
 from keyq.connections import DEFAULT_TIMEOUTS, Timeouts, engine_options
 from keyq.entity import JSON
 from keyq.errors import RepoDataError, RepoError, StaleWriteError
@@ -377,7 +377,7 @@ class Repo:
                 "fences": [f for _, f in fences],
                 "nparts": len(fences),
                 "now": now,
-                "rows": json.dumps(rows, separators=(",", ":")),
+                "rows": fast_json.dumps_checked(rows),  # as the fast path writes them
             },
         ).all()
         if len(accepted) != len(rows):  # which: a fence (then nothing was written) or a key
