@@ -4,6 +4,8 @@ the variable or its value is wrong. Pure functions: no server is started."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from keyq.bench.infra import BenchServers, setting_changes
@@ -44,3 +46,22 @@ def test_the_printed_report_says_which_settings_were_changed() -> None:
     changed = table({"config": {"workers": 2, "settings": ["KEYQ_FOLLOW_ON=0"]}})
     assert "keyq settings: KEYQ_FOLLOW_ON=0" in changed
     assert "keyq settings" not in table({"config": {"workers": 2, "settings": []}})
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_run_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain install has no matplotlib: the run used to crash at its end, its JSON unwritten.
+    The servers' URLs point nowhere: the refusal comes before any of them is touched."""
+    from keyq.bench import run
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    nowhere = [
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--pg-admin-url",
+        "postgresql://x@127.0.0.1:1/p",
+    ]
+    assert run.main(["--smoke", "--plot", "out.png", *nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "--plot out.png needs matplotlib" in err and "pip install 'keyq[bench]'" in err

@@ -17,6 +17,7 @@ It creates its own PostgreSQL database and Redis namespace and removes both at t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -166,10 +167,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_plot(path: str) -> None:
+    """A plot needs matplotlib, which a plain install lacks (the `bench` extra has it): refuse
+    before the run starts, not after it with its figures unwritten."""
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigurationError(
+            f"--plot {path} needs matplotlib, which this Python lacks: pip install 'keyq[bench]' "
+            "(scripts/install test has it), or pass --plot '' to run without a plot"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     repeats = args.repeats or mode.repeats
     changes = setting_changes(args.setting)  # refused before anything starts
+    check_plot(args.plot)
     servers = BenchServers.new(args.redis_url, args.pg_admin_url)
     doc: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         doc = run(args)
-    except ConfigurationError as e:  # a --setting refused: say which, no traceback
+    except ConfigurationError as e:  # a --setting or --plot refused: say why, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     doc["elapsed_s"] = round(time.monotonic() - started, 1)
